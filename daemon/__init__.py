@@ -1,0 +1,1 @@
+"""The famulus daemon: store, job journal, dispatcher, model host and command line."""

@@ -1,0 +1,255 @@
+"""The `famulus` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from famulus.daemon.config import ConfigError, describe, load_config
+from famulus.daemon.paths import RuntimeDirError, user_paths
+
+logger = logging.getLogger("famulus")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+
+def _setup_logging(verbose: bool, level: str = "info") -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from famulus.daemon.lifecycle import AlreadyRunning, Daemon
+
+    paths = user_paths()
+    config = load_config(paths, args.config)
+    _setup_logging(args.verbose, config.daemon.log_level)
+    daemon = Daemon(config, paths)
+    try:
+        daemon.start()
+    except AlreadyRunning as exc:
+        logger.error("%s", exc)
+        return EXIT_ERROR
+    except BaseException:
+        daemon.shutdown()
+        raise
+    daemon.run_until_stopped()
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from famulus.ipc.client import Client
+
+    return Client(timeout_s=args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from famulus.ipc.client import DaemonUnavailable
+
+    try:
+        with _client(args) as client:
+            status = client.call("status")
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    model = status["model"]
+    jobs = status["jobs"]
+    print(f"famulus {status['version']}: {status['state']} (pid {status['pid']}, "
+          f"up {status['uptime_s']:.0f} s)")
+    print(f"model:     {model.get('name') or '-'} {model['state']} on "
+          f"{model.get('device') or '-'}" + (f" ({model['error']})" if model.get("error") else ""))
+    print(f"queue:     {jobs.get('queued', 0)} queued, {jobs.get('running', 0)} running, "
+          f"{jobs.get('done', 0)} done, {jobs.get('failed', 0)} failed")
+    print("documents: " + (", ".join(f"{n} {s}" for s, n in sorted(
+        status["documents"].items())) or "none"))
+    print(f"watching:  {', '.join(status['watch_folders'])}")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from famulus.ipc.client import DaemonUnavailable
+
+    try:
+        with _client(args) as client:
+            client.call("shutdown")
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print("famulus is stopping")
+    return EXIT_OK
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from famulus.ipc.client import BusError, DaemonUnavailable, Subscriber
+
+    params: dict[str, Any] = ({"text": sys.stdin.read()} if args.path == "-"
+                              else {"path": str(Path(args.path).resolve())})
+    try:
+        with Subscriber(["job.done", "job.failed", "job.progress"]) as sub, \
+                _client(args) as client:
+            last = client.call("status")["last_seq"]
+            reply = client.call("summarize", params)
+            job_id = reply["job"]
+            if job_id is None:
+                print("unchanged since its last summary; nothing to do", file=sys.stderr)
+                return EXIT_OK
+            print(f"queued as job {job_id}; waiting for the summary", file=sys.stderr)
+            for event in sub.follow(since=last, client=client,
+                                    idle_timeout_s=args.wait_timeout):
+                if event.body.get("job") != job_id:
+                    continue
+                if event.topic == "job.progress":
+                    print(f"  step {event.body['step'] + 1} of {event.body['steps']}",
+                          file=sys.stderr)
+                elif event.topic == "job.failed":
+                    print(f"failed: {event.body['error']}", file=sys.stderr)
+                    return EXIT_ERROR
+                elif event.topic == "job.done":
+                    return _print_job_summary(client, job_id)
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running; start it with `famulus run` ({exc})", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except BusError as exc:
+        print(f"famulus rejected the request: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"no result within {args.wait_timeout:.0f} s; the job is still queued, see "
+          "`famulus status`", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _print_job_summary(client: Any, job_id: int) -> int:
+    result = client.call("job", {"id": job_id}).get("result") or {}
+    if "summary" in result:
+        print(result["summary"])
+    else:
+        print(json.dumps(result))
+    return EXIT_OK
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from famulus.ipc.client import DaemonUnavailable, Subscriber
+
+    try:
+        with Subscriber(args.topics) as sub:
+            events = (sub.follow(since=args.since) if args.since is not None
+                      else iter(lambda: sub.recv(), None))
+            for event in events:
+                if args.json:
+                    print(json.dumps(event.envelope(), ensure_ascii=False), flush=True)
+                else:
+                    body = json.dumps(event.body, ensure_ascii=False)
+                    print(f"[{event.seq}] {event.topic} {body}", flush=True)
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    from famulus.daemon.model.registry import PullError, pull
+
+    paths = user_paths()
+    try:
+        dest = pull(paths.models_dir, args.name, local_file=Path(args.file) if args.file else None,
+                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except PullError as exc:
+        print(f"model pull failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(dest)
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(user_paths(), args.config)
+    print(f"config OK ({config.source})")
+    for line in describe(config).split(" "):
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from famulus.daemon.demo import run_demo
+
+    return run_demo(Path(args.samples), timeout_s=args.wait_timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="famulus", description=(
+        "Always-on local AI daemon: summarizes documents dropped into watched folders with a "
+        "local model and publishes the results on a ZeroMQ bus."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--config", help="config file (default: the user config folder's "
+                        "config.toml, or $FAMULUS_CONFIG)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for each reply from the daemon (default 10)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(fn=cmd_run)
+    p = sub.add_parser("status", help="show the running daemon's state")
+    p.add_argument("--json", action="store_true", help="print the raw status reply")
+    p.set_defaults(fn=cmd_status)
+    sub.add_parser("stop", help="ask the running daemon to shut down").set_defaults(fn=cmd_stop)
+
+    p = sub.add_parser("summarize", help="summarize a file through the running daemon")
+    p.add_argument("path", help="file to summarize, or - to read text from stdin")
+    p.add_argument("--wait-timeout", type=float, default=600.0,
+                   help="seconds to wait for the summary without any event (default 600)")
+    p.set_defaults(fn=cmd_summarize)
+
+    p = sub.add_parser("subscribe", help="print events as they are published")
+    p.add_argument("topics", nargs="*", help="exact topics to show (default: all)")
+    p.add_argument("--since", type=int, help="first replay stored events after this sequence "
+                   "number (0 = from the start)")
+    p.add_argument("--json", action="store_true", help="print whole envelopes as JSON lines")
+    p.set_defaults(fn=cmd_subscribe)
+
+    model = sub.add_parser("model", help="manage models").add_subparsers(dest="model_command",
+                                                                          required=True)
+    p = model.add_parser("pull", help="download, verify and register a model")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct",
+                   help="model to pull (default: smollm2-135m-instruct)")
+    p.add_argument("--file", help="register this local file instead of downloading it")
+    p.set_defaults(fn=cmd_model_pull)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True)
+    config.add_parser("check", help="validate the config and print the effective values"
+                      ).set_defaults(fn=cmd_config_check)
+
+    p = sub.add_parser("demo", help="run a daemon in a temporary home over sample documents "
+                       "and print each summary as it arrives on the bus")
+    p.add_argument("samples", help="folder of documents to drop into the watched folder")
+    p.add_argument("--wait-timeout", type=float, default=900.0,
+                   help="seconds allowed for the whole demo (default 900)")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        _setup_logging(args.verbose, "warning")
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeDirError as exc:
+        print(f"famulus cannot start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Configuration: one table of every key with its type, default, unit and help text.
+
+The table is the dataclasses below. `config.example.toml` documents the same keys, and a test
+keeps the two in step. Values are validated at load time, and an error names the key, the
+value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from famulus.daemon.paths import UserPaths
+
+CONFIG_ENV = "FAMULUS_CONFIG"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or has an invalid key or value."""
+
+
+def _setting(default: Any, help: str, **rules: Any) -> Any:
+    # Lists are stored as tuples so that a Config stays immutable and hashable.
+    if isinstance(default, list):
+        default = tuple(default)
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    log_level: str = _setting("info", "Log level on stderr: debug, info, warning or error.",
+                              choices=LOG_LEVELS)
+    shutdown_timeout_s: float = _setting(
+        4.0, "Time allowed for the staged shutdown after SIGINT or SIGTERM.", min=0.5)
+
+
+@dataclass(frozen=True)
+class WatchSection:
+    folders: tuple[str, ...] = _setting(
+        ["~/famulus-inbox"], "Folders watched for new documents; created when missing.")
+    recursive: bool = _setting(True, "Also watch the subfolders of each folder.")
+    quiet_period_s: float = _setting(
+        2.0, "A file is read only after its size and mtime stayed unchanged this long.",
+        min=0.05)
+    ignore_patterns: tuple[str, ...] = _setting(
+        [], "Extra glob patterns of file names to ignore, added to the built-in list "
+        "(hidden files, partial downloads, office lock files, editor swap files).")
+    max_file_bytes: int = _setting(
+        50 * 1024 * 1024, "Files larger than this are recorded as too large, not read.", min=1)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = _setting(DEFAULT_MODEL, "Registered model used for summaries "
+                         "(`famulus model pull` registers the default one).")
+    path: str = _setting("", "GGUF file or OpenVINO IR folder to load instead of `name`.")
+    devices: tuple[str, ...] = _setting(
+        ["NPU", "GPU", "CPU"], "OpenVINO devices tried in order; the first that loads is used.",
+        choices=("NPU", "GPU", "CPU"))
+    max_prompt_tokens: int = _setting(
+        1536, "Token budget of one prompt, chat template included; longer documents are "
+        "split into chunks that fit.", min=256)
+    max_new_tokens: int = _setting(200, "Token limit of one generated summary.", min=16)
+    repetition_penalty: float = _setting(
+        1.1, "Penalty on repeated tokens; small models loop without it.", min=1.0)
+    generation_timeout_s: float = _setting(
+        120.0, "Wall-clock limit of one generation; it is cancelled after that.", min=1.0)
+    load_timeout_s: float = _setting(
+        900.0, "Wall-clock limit of loading the model on one device (NPU compiles are slow).",
+        min=1.0)
+    npu_max_prompt_len: int = _setting(
+        1024, "NPU only: static prompt length (MAX_PROMPT_LEN); caps the prompt budget.",
+        min=128)
+    npu_min_response_len: int = _setting(
+        256, "NPU only: static response length (MIN_RESPONSE_LEN).", min=16)
+
+
+@dataclass(frozen=True)
+class JobsSection:
+    max_attempts: int = _setting(
+        3, "Attempts of a job whose failure may be temporary (model host crash, timeout).",
+        min=1)
+    restart_backoff_s: float = _setting(
+        1.0, "First wait before restarting a crashed model host; doubles up to 60 s.", min=0.0)
+
+
+@dataclass(frozen=True)
+class BusSection:
+    max_message_bytes: int = _setting(
+        1024 * 1024, "Requests larger than this are rejected with an error reply.", min=1024)
+    events_page_size: int = _setting(
+        500, "Most events returned by one `events` request.", min=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    watch: WatchSection = field(default_factory=WatchSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    jobs: JobsSection = field(default_factory=JobsSection)
+    bus: BusSection = field(default_factory=BusSection)
+    source: str = field(default="defaults", compare=False)
+
+    def watch_folders(self) -> list[Path]:
+        """Return the watched folders as absolute paths, with ~ and variables expanded."""
+        return [Path(os.path.expandvars(f)).expanduser().resolve() for f in self.watch.folders]
+
+
+_CONFIG_HINTS = typing.get_type_hints(Config)
+SECTIONS: dict[str, type] = {
+    f.name: _CONFIG_HINTS[f.name] for f in dataclasses.fields(Config) if f.name != "source"
+}
+
+
+def settings() -> list[tuple[str, dataclasses.Field[Any], Any]]:
+    """List every key as (dotted name, field, Python type), in table order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", f, hints[f.name]))
+    return rows
+
+
+def config_path(paths: UserPaths, explicit: str | None = None) -> tuple[Path, bool]:
+    """Return the config file to read and whether the user named it (flag or variable)."""
+    if explicit:
+        return Path(explicit).expanduser(), True
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env).expanduser(), True
+    return paths.config_file, False
+
+
+def load_config(paths: UserPaths, explicit: str | None = None) -> Config:
+    """Load and validate the config; with no file at the default place, use the defaults."""
+    path, named = config_path(paths, explicit)
+    if not path.exists():
+        if named:
+            raise ConfigError(f"config file {path} not found; create it from "
+                              "config.example.toml or drop --config/FAMULUS_CONFIG")
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
+    """Build a Config from parsed TOML, rejecting unknown keys and invalid values."""
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
+                              f"{', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: `{name}` must be a table ([{name}]), not {value!r}")
+        sections[name] = _parse_section(name, SECTIONS[name], value, source)
+    return Config(**sections, source=source)
+
+
+def _parse_section(name: str, cls: type, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parsed: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {name}.{key}; known keys in [{name}]: "
+                              f"{', '.join(fields)}")
+        parsed[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key], source)
+    return cls(**parsed)
+
+
+def _check_value(key: str, value: Any, kind: Any, spec: dataclasses.Field[Any],
+                 source: str) -> Any:
+    help_text = spec.metadata["help"]
+    where = f"{source}: invalid value {value!r} for {key}"
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings ({help_text})")
+        items = tuple(value)
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false ({help_text})")
+        return value
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number ({help_text})")
+        items = (float(value),)
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number ({help_text})")
+        items = (value,)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string ({help_text})")
+        items = (value,)
+    else:  # pragma: no cover - the table only uses the types above
+        raise TypeError(f"unsupported config type {kind!r} for {key}")
+    _check_rules(where, items, spec.metadata)
+    return items if typing.get_origin(kind) is tuple else items[0]
+
+
+def _check_rules(where: str, items: tuple[Any, ...], rules: types.MappingProxyType[str, Any]
+                 ) -> None:
+    for item in items:
+        if "choices" in rules and item not in rules["choices"]:
+            raise ConfigError(f"{where}: use one of {', '.join(rules['choices'])}")
+        if "min" in rules and item < rules["min"]:
+            raise ConfigError(f"{where}: must be at least {rules['min']}")
+
+
+def describe(config: Config) -> str:
+    """Render the effective config as one `key=value` line per key, for the start-up log."""
+    lines = []
+    for key, _spec, _kind in settings():
+        section, name = key.split(".")
+        lines.append(f"{key}={getattr(getattr(config, section), name)!r}")
+    return " ".join(lines)

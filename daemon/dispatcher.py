@@ -1,0 +1,298 @@
+"""The dispatcher: runs queued jobs one at a time, most urgent lane first.
+
+It owns every interaction with the model host. It loads the model at start (so the model
+is resident before the first document arrives), then sleeps on a condition until a job is
+queued: an idle daemon has no polling loop here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from famulus.daemon import documents, journal
+from famulus.daemon.config import Config
+from famulus.daemon.documents import DocState, FileInfo
+from famulus.daemon.extract import ExtractionError, extract_text
+from famulus.daemon.journal import Job, JobKind
+from famulus.daemon.model.registry import sha256_of
+from famulus.daemon.model.summarize import Budget, EmptySummary, Summarizer
+from famulus.daemon.model.supervisor import LoadFailed, ModelError, ModelHost
+from famulus.daemon.store import Store, Tx
+from famulus.ipc.protocol import Topic
+
+logger = logging.getLogger(__name__)
+
+
+class PermanentFailure(Exception):
+    """A job failed for a reason that a retry cannot fix; `code` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, model: ModelHost | None,
+                 model_name: str, model_error: str | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.model = model
+        self.model_name = model_name
+        self.model_error = model_error
+        self.current_job: int | None = None
+        self._wake = threading.Condition()
+        self._pending_wake = False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    # -- control ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the dispatcher that a job may be waiting (call after the commit)."""
+        with self._wake:
+            self._pending_wake = True
+            self._wake.notify()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        if self.model is not None:
+            self.model.cancel()
+        self.wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("dispatcher still busy after %.1f s: job=%s", timeout,
+                           self.current_job)
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if not self._load_model():
+            return
+        while not self._stopping.is_set():
+            with self._wake:
+                self._pending_wake = False
+            try:
+                job = self.store.call(journal.claim_next)
+            except Exception:
+                logger.exception("claiming the next job failed")
+                job = None
+            if job is None:
+                with self._wake:
+                    while not self._pending_wake and not self._stopping.is_set():
+                        self._wake.wait()
+                continue
+            self.current_job = job.id
+            try:
+                self._run_job(job)
+            except Exception as exc:
+                # A bug must cost one job, not the dispatcher thread.
+                logger.exception("job failed with an internal error: job=%d", job.id)
+                failure = PermanentFailure("internal", f"internal error: {type(exc).__name__}: "
+                                           f"{exc}")
+                self._finish(job, partial(self._fail_permanently, job=job, exc=failure))
+            finally:
+                self.current_job = None
+
+    def _load_model(self) -> bool:
+        if self.model is None:
+            self._emit(Topic.MODEL_FAILED, {"model": self.model_name, "error": self.model_error})
+            logger.error("no model: %s. Documents wait in the queue.", self.model_error)
+            self._stopping.wait()
+            return False
+        self._emit(Topic.MODEL_LOADING, {"model": self.model_name,
+                                         "devices": list(self.config.model.devices)})
+        try:
+            state = self.model.ensure_loaded()
+        except ModelError as exc:
+            self.model_error = str(exc)
+            if self._stopping.is_set():
+                return False
+            self._emit(Topic.MODEL_FAILED, {"model": self.model_name, "error": str(exc)})
+            logger.error("model %s failed to load: %s. Documents wait in the queue.",
+                         self.model_name, exc)
+            # TODO: retry the load on `reload` once config reloading exists; until then a
+            # restart of the daemon retries it.
+            self._stopping.wait()
+            return False
+        self._emit(Topic.MODEL_LOADED, {"model": self.model_name, "device": state.device,
+                                        "load_s": state.load_s,
+                                        "device_errors": state.device_errors})
+        logger.info("model loaded: model=%s device=%s load_s=%s", self.model_name,
+                    state.device, state.load_s)
+        return True
+
+    def _emit(self, topic: str, body: dict[str, Any], cause: str | None = None) -> None:
+        self.store.submit(lambda tx: tx.emit(topic, body, cause))
+
+    def _finish(self, job: Job, fn: Any) -> None:
+        self.store.call(fn)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def _run_job(self, job: Job) -> None:
+        logger.info("job started: job=%d kind=%s attempt=%d", job.id, job.kind, job.attempts)
+        try:
+            if job.kind == JobKind.SUMMARIZE_DOCUMENT:
+                self._summarize_document(job)
+            elif job.kind == JobKind.SUMMARIZE_TEXT:
+                self._summarize_text(job)
+            else:
+                raise PermanentFailure("unknown_kind", f"unknown job kind {job.kind!r}")
+        except PermanentFailure as exc:
+            logger.warning("job failed: job=%d reason=%s", job.id, exc)
+            self._finish(job, partial(self._fail_permanently, job=job, exc=exc))
+        except (ModelError, EmptySummary) as exc:
+            self._retry_or_fail(job, exc)
+
+    def _retry_or_fail(self, job: Job, exc: Exception) -> None:
+        if self._stopping.is_set():
+            logger.info("job interrupted by shutdown, queued again: job=%d", job.id)
+            self._finish(job, lambda tx: journal.requeue(tx, job, None, count_attempt=False))
+            return
+        permanent = isinstance(exc, LoadFailed)
+        if not permanent and job.attempts < self.config.jobs.max_attempts:
+            logger.warning("job failed, will retry: job=%d attempt=%d error=%s", job.id,
+                           job.attempts, exc)
+            self._finish(job, lambda tx: journal.requeue(tx, job, str(exc)))
+            return
+        failure = PermanentFailure("model_error", f"summary failed after {job.attempts} "
+                                   f"attempt(s): {exc}")
+        logger.error("job failed: job=%d error=%s", job.id, exc)
+        self._finish(job, lambda tx: self._fail_permanently(tx, job, failure))
+
+    def _fail_permanently(self, tx: Tx, job: Job, exc: PermanentFailure) -> None:
+        journal.fail(tx, job, str(exc))
+        if job.document_id is None:
+            return
+        row = tx.execute("SELECT path FROM documents WHERE id = ?", (job.document_id,)).fetchone()
+        info = _file_info(Path(row["path"]))
+        documents.settle(tx, job, DocState.FAILED, info=info, sha256=None, reason=str(exc),
+                         reason_code=exc.code)
+        tx.emit(Topic.DOCUMENT_FAILED, {"document": job.document_id, "path": row["path"],
+                                        "job": job.id, "reason_code": exc.code,
+                                        "reason": str(exc)}, job.cause)
+
+    def _summarize_document(self, job: Job) -> None:
+        row = self.store.query("SELECT * FROM documents WHERE id = ?", (job.document_id,))[0]
+        path = Path(row["path"])
+        info = _file_info(path)
+        if info is None:
+            self._finish(job, lambda tx: self._vanished(tx, job, str(path)))
+            return
+        if info.size == 0:
+            self._finish(job, lambda tx: self._skip(tx, job, info, "empty file"))
+            return
+        if info.size > self.config.watch.max_file_bytes:
+            raise PermanentFailure("too_large", f"{path} has {info.size} bytes, more than "
+                                   f"watch.max_file_bytes={self.config.watch.max_file_bytes}; "
+                                   "raise that limit to summarize it")
+        sha256 = sha256_of(path)
+        if row["sha256"] == sha256 and row["state"] == DocState.SUMMARIZED:
+            self._finish(job, lambda tx: self._unchanged(tx, job, info))
+            return
+        earlier = documents.summary_for_content(self.store.read(), sha256, self.model_name)
+        if earlier is not None:
+            logger.info("same content summarized before, reusing it: job=%d document=%d",
+                        job.id, job.document_id)
+            self._finish(job, lambda tx: self._store_summary(
+                tx, job, info, sha256, fmt=row["format"], text=earlier["text"],
+                device=earlier["device"], chunks=earlier["chunks"], stats={},
+                reused_from=earlier["document_id"]))
+            return
+        try:
+            extracted = extract_text(path, max_bytes=self.config.watch.max_file_bytes)
+        except ExtractionError as exc:
+            if exc.permanent:
+                raise PermanentFailure(exc.reason, str(exc)) from exc
+            raise ModelError(str(exc)) from exc  # temporary: retried like a model failure
+        result = self._summarizer(job).summarize(extracted.text)
+        self._finish(job, lambda tx: self._store_summary(
+            tx, job, info, sha256, fmt=extracted.format, text=result.text,
+            device=self._device(), chunks=result.chunks,
+            stats={"generated_tokens": result.generated_tokens,
+                   "generation_s": round(result.generation_s, 3)}, reused_from=None))
+
+    def _summarize_text(self, job: Job) -> None:
+        text = str(job.payload.get("text", "")).strip()
+        if not text:
+            raise PermanentFailure("no_text", "the text to summarize is empty")
+        result = self._summarizer(job).summarize(text)
+
+        def store(tx: Tx) -> None:
+            documents.save_summary(tx, job, sha256=None, model=self.model_name,
+                                   device=self._device(), text=result.text,
+                                   chunks=result.chunks, prompt_tokens=None,
+                                   generated_tokens=result.generated_tokens,
+                                   generation_s=result.generation_s)
+            journal.finish(tx, job, {"summary": result.text, "chunks": result.chunks,
+                                     "model": self.model_name, "device": self._device()})
+        self._finish(job, store)
+
+    def _summarizer(self, job: Job) -> Summarizer:
+        assert self.model is not None
+        cfg = self.config.model
+        budget = Budget(max_prompt_tokens=self._prompt_budget(),
+                        max_new_tokens=cfg.max_new_tokens,
+                        repetition_penalty=cfg.repetition_penalty,
+                        timeout_s=cfg.generation_timeout_s)
+
+        def progress(done: int, total: int) -> None:
+            self._emit(Topic.JOB_PROGRESS, {"job": job.id, "step": done, "steps": total},
+                       job.cause)
+        return Summarizer(self.model, budget, progress)
+
+    def _prompt_budget(self) -> int:
+        cfg = self.config.model
+        if self._device() == "NPU":
+            return min(cfg.max_prompt_tokens, cfg.npu_max_prompt_len)
+        return cfg.max_prompt_tokens
+
+    def _device(self) -> str:
+        return (self.model.state.device if self.model else None) or "unknown"
+
+    # -- outcomes (run on the writer thread) -----------------------------------------------
+
+    def _store_summary(self, tx: Tx, job: Job, info: FileInfo, sha256: str, *, fmt: str | None,
+                       text: str, device: str, chunks: int, stats: dict[str, Any],
+                       reused_from: int | None) -> None:
+        documents.save_summary(tx, job, sha256=sha256, model=self.model_name, device=device,
+                               text=text, chunks=chunks, prompt_tokens=None,
+                               generated_tokens=stats.get("generated_tokens"),
+                               generation_s=stats.get("generation_s"))
+        documents.settle(tx, job, DocState.SUMMARIZED, info=info, sha256=sha256, fmt=fmt)
+        body = {"document": job.document_id, "path": info.path, "job": job.id,
+                "summary": text, "model": self.model_name, "device": device,
+                "chunks": chunks, "sha256": sha256, "reused_from": reused_from, **stats}
+        tx.emit(Topic.DOCUMENT_SUMMARIZED, body, job.cause)
+        journal.finish(tx, job, {"document": job.document_id, "chunks": chunks,
+                                 "reused_from": reused_from, "summary": text})
+
+    def _skip(self, tx: Tx, job: Job, info: FileInfo, reason: str) -> None:
+        documents.settle(tx, job, DocState.SKIPPED, info=info, sha256=None, reason=reason,
+                         reason_code="empty")
+        tx.emit(Topic.DOCUMENT_SKIPPED, {"document": job.document_id, "path": info.path,
+                                         "job": job.id, "reason": reason}, job.cause)
+        journal.finish(tx, job, {"skipped": reason})
+
+    def _unchanged(self, tx: Tx, job: Job, info: FileInfo) -> None:
+        # Only the timestamps moved (a touch, or a save with identical bytes).
+        documents.settle(tx, job, DocState.SUMMARIZED, info=info, sha256=None)
+        journal.finish(tx, job, {"unchanged": True})
+
+    def _vanished(self, tx: Tx, job: Job, path: str) -> None:
+        documents.mark_removed(tx, path, job.cause)
+        journal.finish(tx, job, {"removed": True})
+
+
+def _file_info(path: Path) -> FileInfo | None:
+    try:
+        return FileInfo.of(path)
+    except OSError:
+        return None

@@ -1,0 +1,122 @@
+"""Request handlers: one function per bus method, with its parameters and result.
+
+Each handler receives the decoded request and returns a JSON-able result, or raises
+RequestError with a code from the protocol's catalogue. They run on the bus thread, so they
+only read the store or queue short writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from famulus.daemon import documents, journal
+from famulus.daemon.documents import FileInfo
+from famulus.daemon.journal import JobKind, Lane
+from famulus.ipc.protocol import PROTOCOL_VERSION, ErrorCode, Method, Request
+from famulus.ipc.server import Handler, RequestError
+
+if TYPE_CHECKING:
+    from famulus.daemon.lifecycle import Daemon
+
+
+def _int_param(request: Request, name: str, default: int | None = None) -> int:
+    value = request.params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(ErrorCode.INVALID_PARAMS,
+                           f"`{name}` must be a whole number, got {value!r}")
+    return value
+
+
+def make_handlers(daemon: Daemon) -> dict[str, Handler]:
+    store = daemon.store
+
+    def status(request: Request) -> dict[str, Any]:
+        """Return daemon state, model state, queue depth and counts.
+
+        Params: none. Result: {"state", "pid", "version", "uptime_s", "model": {...},
+        "jobs": {state: n}, "documents": {state: n}, "current_job", "last_seq",
+        "watch_folders", "bus": {...}}.
+        """
+        conn = store.read()
+        last = conn.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+        return {"state": daemon.state.value, "pid": os.getpid(), "version": daemon.version,
+                "uptime_s": round(daemon.uptime_s(), 3), "model": daemon.model_status(),
+                "jobs": journal.counts(conn), "documents": documents.counts(conn),
+                "current_job": daemon.dispatcher.current_job if daemon.dispatcher else None,
+                "last_seq": last,
+                "watch_folders": [str(f) for f in daemon.config.watch_folders()],
+                "bus": dict(daemon.bus.stats) if daemon.bus else {}}
+
+    def summarize(request: Request) -> dict[str, Any]:
+        """Queue a summary of a file (`path`) or of inline `text` in the interactive lane.
+
+        Result: {"job": id} plus {"document": id} for a path. `force` re-summarizes an
+        unchanged file.
+        """
+        path, text = request.params.get("path"), request.params.get("text")
+        if (path is None) == (text is None):
+            raise RequestError(ErrorCode.INVALID_PARAMS, "give exactly one of `path` and `text`")
+        if text is not None:
+            if not isinstance(text, str) or not text.strip():
+                raise RequestError(ErrorCode.INVALID_PARAMS, "`text` must be non-empty text")
+            job_id = store.call(lambda tx: journal.enqueue(
+                tx, JobKind.SUMMARIZE_TEXT, Lane.INTERACTIVE, payload={"text": text},
+                cause=request.id))
+            daemon.wake_dispatcher()
+            return {"job": job_id}
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise RequestError(ErrorCode.INVALID_PARAMS,
+                               f"`path` must be an absolute path, got {path!r}")
+        try:
+            info = FileInfo.of(Path(path))
+        except OSError as exc:
+            raise RequestError(ErrorCode.NOT_FOUND,
+                               f"cannot read {path}: {exc.strerror}") from None
+        force = bool(request.params.get("force", True))
+        job_id = store.call(lambda tx: documents.submit_file(
+            tx, info, lane=Lane.INTERACTIVE, cause=request.id, force=force))
+        daemon.wake_dispatcher()
+        row = documents.get_by_path(store.read(), info.path)
+        return {"job": job_id, "document": row["id"] if row else None}
+
+    def job(request: Request) -> dict[str, Any]:
+        """Return one job by `id`, with its state, attempts, error and result."""
+        found = journal.get(store.read(), _int_param(request, "id"))
+        if found is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no job with id {request.params['id']}")
+        return found
+
+    def events(request: Request) -> dict[str, Any]:
+        """Return stored events after sequence `since`, oldest first, in bounded pages.
+
+        Params: {"since": int, "limit": int?, "topics": [str]?}. Result: {"events":
+        [envelope], "last_seq": the highest sequence number this page examined, "more": bool}.
+        """
+        since = _int_param(request, "since", 0)
+        page = daemon.config.bus.events_page_size
+        limit = min(_int_param(request, "limit", page), page)
+        topics = request.params.get("topics") or None
+        if topics is not None and not (isinstance(topics, list)
+                                       and all(isinstance(t, str) for t in topics)):
+            raise RequestError(ErrorCode.INVALID_PARAMS, "`topics` must be a list of strings")
+        rows = store.query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                           (since, limit))
+        out = [_envelope(row) for row in rows if topics is None or row["topic"] in topics]
+        last = rows[-1]["seq"] if rows else since
+        return {"events": out, "last_seq": last, "more": len(rows) == limit}
+
+    def shutdown(request: Request) -> dict[str, Any]:
+        """Ask the daemon to stop (staged shutdown, as after SIGTERM)."""
+        daemon.request_stop()
+        return {"stopping": True}
+
+    return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
+            Method.EVENTS: events, Method.SHUTDOWN: shutdown}
+
+
+def _envelope(row: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "seq": row["seq"], "id": row["id"], "cause": row["cause"],
+            "ts": row["ts"], "topic": row["topic"], "body": json.loads(row["body"])}

@@ -1,0 +1,1 @@
+"""The model host process, its supervisor, prompts and the model registry."""

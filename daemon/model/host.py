@@ -1,0 +1,195 @@
+"""The model host: a child process that keeps one OpenVINO GenAI pipeline resident.
+
+It speaks JSON lines with its parent: requests on stdin, replies on the original stdout.
+File descriptor 1 is pointed at stderr at start, so that anything a native library prints
+cannot corrupt the protocol stream. When stdin closes (the daemon exited, even by SIGKILL),
+the host exits at once, so an orphaned host never keeps the model in memory.
+
+Requests: ``{"id": 1, "op": "load" | "count" | "generate" | "ping", ...}``; the op
+``cancel`` has no reply and stops the running generation. Replies: ``{"id": 1, "ok": true,
+...}`` or ``{"id": 1, "ok": false, "error": "...", "kind": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO, Any
+
+logger = logging.getLogger("famulus.daemon.model.host")
+
+
+class HostError(Exception):
+    """A request failed inside the host; `kind` tells the daemon how to react."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def npu_properties(params: dict[str, Any]) -> dict[str, Any]:
+    # The NPU compiles for static shapes, so it needs both lengths up front.
+    return {"MAX_PROMPT_LEN": int(params["npu_max_prompt_len"]),
+            "MIN_RESPONSE_LEN": int(params["npu_min_response_len"])}
+
+
+class Host:
+    """Executes requests on one worker thread; cancel arrives on the reader thread."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._write_lock = threading.Lock()
+        self._cancel = threading.Event()
+        self.pipe: Any = None
+        self.tokenizer: Any = None
+        self.device: str | None = None
+
+    def reply(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, ensure_ascii=False)
+        with self._write_lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"device": self.device}
+        if op == "load":
+            return self.load(request)
+        if self.pipe is None:
+            raise HostError("not_loaded", "no model is loaded; send `load` first")
+        if op == "count":
+            return {"counts": [self.count(m) for m in request["prompts"]]}
+        if op == "generate":
+            return self.generate(request)
+        raise HostError("bad_request", f"unknown op {op!r}")
+
+    def load(self, request: dict[str, Any]) -> dict[str, Any]:
+        import openvino
+        import openvino_genai
+
+        path, order = request["path"], list(request["devices"])
+        available = openvino.Core().available_devices
+        errors: dict[str, str] = {}
+        for device in order:
+            # Checking first matters: a missing NPU raises a misleading error about
+            # undeclared parameters instead of saying that there is no NPU.
+            if not any(d == device or d.startswith(device + ".") for d in available):
+                errors[device] = f"not available (devices found: {', '.join(available)})"
+                continue
+            props: dict[str, Any] = {}
+            if request.get("cache_dir"):
+                props["CACHE_DIR"] = request["cache_dir"]
+            if device == "NPU":
+                props.update(npu_properties(request))
+            started = time.monotonic()
+            try:
+                pipe = openvino_genai.LLMPipeline(path, device, **props)
+            except Exception as exc:  # any load or compile failure means: try the next device
+                errors[device] = f"{type(exc).__name__}: {exc}".strip()[:500]
+                continue
+            self.pipe, self.tokenizer, self.device = pipe, pipe.get_tokenizer(), device
+            return {"device": device, "load_s": round(time.monotonic() - started, 3),
+                    "errors": errors}
+        raise HostError("load_failed", "the model loaded on no device: " + "; ".join(
+            f"{d}: {e}" for d, e in errors.items()))
+
+    def template(self, messages: list[dict[str, str]]) -> str:
+        import openvino_genai
+
+        history = openvino_genai.ChatHistory(messages)
+        return str(self.tokenizer.apply_chat_template(history, add_generation_prompt=True))
+
+    def count(self, messages: list[dict[str, str]]) -> int:
+        # The template already holds the special tokens, so no BOS is added on top.
+        ids = self.tokenizer.encode(self.template(messages), add_special_tokens=False).input_ids
+        return int(ids.shape[-1])
+
+    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        import openvino_genai
+
+        prompt = self.template(request["messages"])
+        config = openvino_genai.GenerationConfig()
+        config.max_new_tokens = int(request["max_new_tokens"])
+        config.repetition_penalty = float(request.get("repetition_penalty", 1.0))
+        config.apply_chat_template = False
+        config.do_sample = False
+        deadline = time.monotonic() + float(request["timeout_s"])
+        state = {"pieces": 0, "stopped": ""}
+        self._cancel.clear()
+
+        def streamer(_piece: str) -> Any:
+            state["pieces"] += 1
+            if self._cancel.is_set():
+                state["stopped"] = "cancelled"
+                return openvino_genai.StreamingStatus.CANCEL
+            if time.monotonic() > deadline:
+                state["stopped"] = "timeout"
+                return openvino_genai.StreamingStatus.CANCEL
+            return openvino_genai.StreamingStatus.RUNNING
+
+        started = time.monotonic()
+        result = self.pipe.generate([prompt], config, streamer)
+        elapsed = time.monotonic() - started
+        if state["stopped"]:
+            raise HostError(str(state["stopped"]), f"generation {state['stopped']} after "
+                            f"{elapsed:.1f} s")
+        text = result.texts[0]
+        tokens = int(result.perf_metrics.get_num_generated_tokens())
+        finish = str(result.finish_reasons[0]).rsplit(".", 1)[-1].lower() \
+            if getattr(result, "finish_reasons", None) else "unknown"
+        return {"text": text, "tokens": tokens, "generation_s": round(elapsed, 3),
+                "finish": finish}
+
+
+def _work(host: Host, requests: queue.Queue[dict[str, Any] | None]) -> None:
+    while (request := requests.get()) is not None:
+        rid = request.get("id")
+        try:
+            host.reply({"id": rid, "ok": True, **host.handle(request)})
+        except HostError as exc:
+            host.reply({"id": rid, "ok": False, "kind": exc.kind, "error": str(exc)})
+        except Exception as exc:
+            logger.exception("model host request failed: op=%s", request.get("op"))
+            host.reply({"id": rid, "ok": False, "kind": "internal",
+                        "error": f"{type(exc).__name__}: {exc}"})
+
+
+def main() -> None:
+    # Keep the real stdout for the protocol and send fd 1 to stderr for everything else.
+    protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=os.environ.get("FAMULUS_HOST_LOG", "WARNING"),
+                        format="%(levelname)s famulus.model-host: %(message)s")
+    host = Host(protocol_out)
+    requests: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=64)
+    worker = threading.Thread(target=_work, args=(host, requests), name="host-worker",
+                              daemon=True)
+    worker.start()
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            logger.warning("model host ignored a line that is not JSON")
+            continue
+        if request.get("op") == "cancel":
+            host.cancel()
+        else:
+            requests.put(request)
+    # stdin closed: the daemon is gone or asked us to stop. Exit without waiting for a
+    # generation that may still run in native code.
+    protocol_out.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

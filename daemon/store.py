@@ -1,0 +1,237 @@
+"""The SQLite store: one writer thread, per-thread readers, migrations and the event log.
+
+All writes go through `Store.call` / `Store.submit`, which run a function on the single writer
+thread inside `BEGIN IMMEDIATE ... COMMIT`. A function can append events with `Tx.emit`; they
+are written in the same transaction as the change they describe and handed to the bus only
+after the commit, so an event that a subscriber saw is always in the log, and a change that
+was rolled back was never announced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from famulus.ipc.protocol import Event, new_id, now
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Each entry moves the schema from version N to N+1 and runs in one transaction.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        size INTEGER,
+        mtime REAL,
+        sha256 TEXT,
+        state TEXT NOT NULL,
+        reason TEXT,
+        reason_code TEXT,
+        format TEXT,
+        detected_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX documents_sha256 ON documents(sha256);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        lane INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        document_id INTEGER REFERENCES documents(id),
+        payload TEXT NOT NULL DEFAULT '{}',
+        result TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        cause TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_queue ON jobs(state, lane, id);
+    CREATE INDEX jobs_document ON jobs(document_id, state);
+    CREATE TABLE summaries (
+        id INTEGER PRIMARY KEY,
+        document_id INTEGER UNIQUE REFERENCES documents(id),
+        job_id INTEGER REFERENCES jobs(id),
+        sha256 TEXT,
+        model TEXT NOT NULL,
+        device TEXT NOT NULL,
+        text TEXT NOT NULL,
+        chunks INTEGER NOT NULL,
+        prompt_tokens INTEGER,
+        generated_tokens INTEGER,
+        generation_s REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX summaries_sha256 ON summaries(sha256, model);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        cause TEXT,
+        ts REAL NOT NULL,
+        topic TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    """,
+    # Full-text search over summaries, kept in step by sqlite-utils' triggers.
+    "FTS:summaries:text",
+]
+
+
+class StoreClosed(Exception):
+    """A write was submitted after the store was closed."""
+
+
+class Tx:
+    """The write transaction handed to functions that run on the writer thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.events: list[Event] = []
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, tuple(params))
+
+    def emit(self, topic: str, body: dict[str, Any], cause: str | None = None) -> Event:
+        """Append an event to the log; it is published after this transaction commits."""
+        event_id, ts = new_id(), now()
+        cur = self.conn.execute(
+            "INSERT INTO events (id, cause, ts, topic, body) VALUES (?, ?, ?, ?, ?)",
+            (event_id, cause, ts, topic, json.dumps(body, ensure_ascii=False)),
+        )
+        event = Event(seq=int(cur.lastrowid or 0), id=event_id, cause=cause, ts=ts,
+                      topic=topic, body=body)
+        self.events.append(event)
+        return event
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open a connection with the settings every famulus connection uses."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode can lose the last commits on power loss but never corrupts the file;
+    # a lost commit is redone from the journal's queued state on the next start.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date, one transaction per step; return the new version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for target in range(version + 1, len(MIGRATIONS) + 1):
+        step = MIGRATIONS[target - 1]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if step.startswith("FTS:"):
+                _, table, column = step.split(":")
+                sqlite_utils.Database(conn)[table].enable_fts(
+                    [column], create_triggers=True, tokenize="unicode61")
+            else:
+                for statement in filter(str.strip, step.split(";")):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        logger.info("store migrated to schema version %d", target)
+    return len(MIGRATIONS)
+
+
+_STOP = object()
+
+
+class Store:
+    """Owns the database file: the writer thread and a read connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+        self._local = threading.local()
+        self._closed = False
+        self.on_commit: Callable[[list[Event]], None] | None = None
+        conn = connect(path)
+        migrate(conn)
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="store-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[Tx], T]) -> Future[T]:
+        """Queue `fn` to run in its own write transaction; return a future of its result."""
+        if self._closed:
+            raise StoreClosed("the store is closed; the daemon is shutting down")
+        future: Future[T] = Future()
+        self._queue.put((fn, future))
+        return future
+
+    def call(self, fn: Callable[[Tx], T], timeout: float = 30.0) -> T:
+        """Run `fn` in a write transaction and wait for its result."""
+        return self.submit(fn).result(timeout=timeout)
+
+    def read(self) -> sqlite3.Connection:
+        """Return this thread's read-only connection (autocommit, sees committed data)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+        return conn
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return self.read().execute(sql, tuple(params)).fetchall()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish queued writes, then stop the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("store writer did not stop within %.1f s", timeout)
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            tx = Tx(conn)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(tx)
+                conn.execute("COMMIT")
+            except BaseException as exc:  # handed to the caller through the future
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                future.set_exception(exc)
+                continue
+            future.set_result(result)
+            if tx.events and self.on_commit is not None:
+                try:
+                    self.on_commit(tx.events)
+                except Exception:
+                    logger.exception("publishing %d committed events failed", len(tx.events))
+        conn.close()

@@ -1,0 +1,1 @@
+"""The famulus bus: wire protocol, server and client library."""

@@ -1,0 +1,1 @@
+"""Built-in famulus plugins and the plugin API."""

@@ -1,0 +1,208 @@
+"""The folder watch plugin: new and changed files in watched folders become summary jobs.
+
+A file is handed on only after its size and mtime have stayed unchanged for the quiet period,
+so a file written in chunks yields one job after the last write. Names of partial downloads,
+lock files and editor temporaries are ignored; a rename acts on its destination, which covers
+a finished download renamed into place and an editor's atomic save. A scan at start catches up
+with files added, changed or deleted while the daemon was down.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from famulus.plugins.api import PluginContext
+
+# Matched against the file name only, case-insensitively.
+BUILTIN_IGNORE = (
+    ".*",  # hidden files, including editor swap files such as .doc.txt.swp
+    "*.crdownload", "*.part", "*.partial", "*.download", "*.opdownload", "*.tmp", "*.temp",
+    "~$*", ".~lock.*#", "*.swp", "*.swx", "*~", "#*#", "*.kate-swp", "4913",
+)
+
+
+def is_ignored(name: str, extra: tuple[str, ...] = ()) -> bool:
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in BUILTIN_IGNORE + extra)
+
+
+class _Pending:
+    """Paths waiting for their quiet period, and the stat seen last for each."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.items: dict[str, tuple[tuple[int, int] | None, float]] = {}
+
+    def touch(self, path: str) -> None:
+        with self.lock:
+            self.items[path] = (None, time.monotonic())
+            self.lock.notify()
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, plugin: FolderWatchPlugin) -> None:
+        self.plugin = plugin
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if raw:
+                self.plugin.changed(os.fsdecode(raw), is_dir=event.is_directory)
+
+
+class FolderWatchPlugin:
+    """Watches the folders in `watch.folders` with watchdog."""
+
+    name: ClassVar[str] = "folder_watch"
+
+    def __init__(self) -> None:
+        self._pending = _Pending()
+        self._stopping = threading.Event()
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._thread: threading.Thread | None = None
+        self._ctx: PluginContext | None = None
+
+    @property
+    def ctx(self) -> PluginContext:
+        assert self._ctx is not None, "plugin not started"
+        return self._ctx
+
+    def start(self, context: PluginContext) -> None:
+        self._ctx = context
+        cfg = context.config.watch
+        observer = Observer()
+        for folder in context.config.watch_folders():
+            folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Handler(self), str(folder), recursive=cfg.recursive)
+            context.logger.info("watching folder=%s recursive=%s", folder, cfg.recursive)
+        observer.start()
+        self._observer = observer
+        self._thread = threading.Thread(target=self._settle_loop, name="folder-watch",
+                                        daemon=True)
+        self._thread.start()
+        for folder in context.config.watch_folders():
+            self.reconcile(folder)
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        with self._pending.lock:
+            self._pending.lock.notify()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- detection ------------------------------------------------------------------------
+
+    def changed(self, path: str, *, is_dir: bool) -> None:
+        """Note a file system change; the settle loop decides what it means."""
+        if is_ignored(os.path.basename(path), self.ctx.config.watch.ignore_patterns):
+            return
+        if is_dir:
+            if os.path.isdir(path):
+                # A folder moved or copied in: its files produce no events of their own.
+                for file in self._walk(Path(path)):
+                    self._pending.touch(str(file))
+            else:
+                self.ctx.file_removed(Path(path))
+            return
+        self._pending.touch(path)
+
+    def _walk(self, folder: Path) -> list[Path]:
+        extra = self.ctx.config.watch.ignore_patterns
+        files = []
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not is_ignored(d, extra)]
+            if not self.ctx.config.watch.recursive and Path(root) != folder:
+                continue
+            files.extend(Path(root) / n for n in names if not is_ignored(n, extra))
+        return files
+
+    def reconcile(self, folder: Path) -> None:
+        """Queue what changed while the daemon was down and mark vanished files removed."""
+        found = self._walk(folder)
+        queued = 0
+        for file in found:
+            try:
+                st = file.stat()
+            except OSError:
+                continue
+            if not self.ctx.is_settled(file, st.st_size, st.st_mtime):
+                self._pending.touch(str(file))
+                queued += 1
+        present = {str(f) for f in found}
+        gone = [p for p in self.ctx.known_paths_under(folder) if p not in present]
+        for path in gone:
+            if not os.path.exists(path):
+                self.ctx.file_removed(Path(path))
+        self.ctx.logger.info("start-up scan: folder=%s files=%d to_process=%d removed=%d",
+                             folder, len(found), queued, len(gone))
+
+    # -- quiet period ---------------------------------------------------------------------
+
+    def _settle_loop(self) -> None:
+        quiet = self.ctx.config.watch.quiet_period_s
+        while not self._stopping.is_set():
+            with self._pending.lock:
+                while not self._pending.items and not self._stopping.is_set():
+                    self._pending.lock.wait()  # idle: no wake-ups until something changes
+                if self._stopping.is_set():
+                    return
+                # Re-check at a fraction of the quiet period while files are settling.
+                self._pending.lock.wait(quiet / 4)
+                items = dict(self._pending.items)
+            for path, (seen, changed_at) in items.items():
+                try:
+                    self._check(path, seen, changed_at, quiet)
+                except Exception:
+                    self.ctx.logger.exception("checking a changed file failed: path=%s", path)
+                    self._drop(path, seen, changed_at)
+
+    def _check(self, path: str, seen: tuple[int, int] | None, changed_at: float,
+               quiet: float) -> None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._drop(path, seen, changed_at)
+            self.ctx.file_removed(Path(path))
+            return
+        current = (st.st_size, st.st_mtime_ns)
+        now = time.monotonic()
+        if current != seen:
+            with self._pending.lock:
+                if self._pending.items.get(path) == (seen, changed_at):
+                    self._pending.items[path] = (current, now)
+            return
+        if now - changed_at < quiet:
+            return
+        if not self._readable(path):
+            return
+        if not self._drop(path, seen, changed_at):
+            return  # a newer change arrived meanwhile; wait for it to settle
+        self.ctx.submit_file(Path(path))
+
+    def _drop(self, path: str, seen: tuple[int, int] | None, changed_at: float) -> bool:
+        """Remove `path` from the pending set unless it changed since it was read."""
+        with self._pending.lock:
+            if self._pending.items.get(path) != (seen, changed_at):
+                return False
+            del self._pending.items[path]
+            return True
+
+    @staticmethod
+    def _readable(path: str) -> bool:
+        try:
+            with open(path, "rb"):
+                return True
+        except OSError:
+            return False

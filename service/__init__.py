@@ -1,0 +1,1 @@
+"""Service templates (systemd, launchd, Task Scheduler), shipped as package data."""
