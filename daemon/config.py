@@ -95,7 +95,8 @@ class JobsSection:
 @dataclass(frozen=True)
 class BusSection:
     max_message_bytes: int = _setting(
-        1024 * 1024, "Requests larger than this are rejected with an error reply.", min=1024)
+        1024 * 1024, "Requests larger than this get a `too_large` error reply; frames over "
+        "four times this size close the client's connection instead.", min=1024)
     events_page_size: int = _setting(
         500, "Most events returned by one `events` request.", min=1)
 

@@ -168,8 +168,8 @@ class Dispatcher:
         self._finish(job, lambda tx: self._fail_permanently(tx, job, failure))
 
     def _fail_permanently(self, tx: Tx, job: Job, exc: PermanentFailure) -> None:
-        journal.fail(tx, job, str(exc))
         if job.document_id is None:
+            journal.fail(tx, job, str(exc))
             return
         row = tx.execute("SELECT path FROM documents WHERE id = ?", (job.document_id,)).fetchone()
         info = _file_info(Path(row["path"]))
@@ -178,6 +178,7 @@ class Dispatcher:
         tx.emit(Topic.DOCUMENT_FAILED, {"document": job.document_id, "path": row["path"],
                                         "job": job.id, "reason_code": exc.code,
                                         "reason": str(exc)}, job.cause)
+        journal.fail(tx, job, str(exc))
 
     def _summarize_document(self, job: Job) -> None:
         row = self.store.query("SELECT * FROM documents WHERE id = ?", (job.document_id,))[0]
@@ -278,7 +279,8 @@ class Dispatcher:
         documents.settle(tx, job, DocState.SKIPPED, info=info, sha256=None, reason=reason,
                          reason_code="empty")
         tx.emit(Topic.DOCUMENT_SKIPPED, {"document": job.document_id, "path": info.path,
-                                         "job": job.id, "reason": reason}, job.cause)
+                                         "job": job.id, "reason_code": "empty",
+                                         "reason": reason}, job.cause)
         journal.finish(tx, job, {"skipped": reason})
 
     def _unchanged(self, tx: Tx, job: Job, info: FileInfo) -> None:

@@ -53,8 +53,9 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
     def summarize(request: Request) -> dict[str, Any]:
         """Queue a summary of a file (`path`) or of inline `text` in the interactive lane.
 
-        Result: {"job": id} plus {"document": id} for a path. `force` re-summarizes an
-        unchanged file.
+        Result: {"job": id} plus {"document": id} for a path. With `force` (default true) an
+        unchanged file gets a job too; that job reuses the stored summary of the same bytes.
+        When the file already has a queued job, that job's id is returned.
         """
         path, text = request.params.get("path"), request.params.get("text")
         if (path is None) == (text is None):
@@ -75,7 +76,10 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         except OSError as exc:
             raise RequestError(ErrorCode.NOT_FOUND,
                                f"cannot read {path}: {exc.strerror}") from None
-        force = bool(request.params.get("force", True))
+        force = request.params.get("force", True)
+        if not isinstance(force, bool):
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`force` must be true or false, "
+                               f"got {force!r}")
         job_id = store.call(lambda tx: documents.submit_file(
             tx, info, lane=Lane.INTERACTIVE, cause=request.id, force=force))
         daemon.wake_dispatcher()
@@ -98,6 +102,9 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         since = _int_param(request, "since", 0)
         page = daemon.config.bus.events_page_size
         limit = min(_int_param(request, "limit", page), page)
+        if limit < 1:
+            raise RequestError(ErrorCode.INVALID_PARAMS,
+                               f"`limit` must be at least 1, got {limit}")
         topics = request.params.get("topics") or None
         if topics is not None and not (isinstance(topics, list)
                                        and all(isinstance(t, str) for t in topics)):

@@ -91,20 +91,23 @@ def claim_next(tx: Tx) -> Job | None:
                (JobState.RUNNING, now(), row["id"]))
     job = Job.from_row(row)
     job = Job(**{**job.__dict__, "state": JobState.RUNNING, "attempts": job.attempts + 1})
-    tx.emit(Topic.JOB_STARTED, job_body(job.id, attempt=job.attempts), job.cause)
+    tx.emit(Topic.JOB_STARTED, job_body(job.id, kind=job.kind, document=job.document_id,
+                                        attempt=job.attempts), job.cause)
     return job
 
 
 def finish(tx: Tx, job: Job, result: dict[str, Any]) -> None:
     tx.execute("UPDATE jobs SET state = ?, result = ?, error = NULL, finished_at = ? "
                "WHERE id = ?", (JobState.DONE, json.dumps(result), now(), job.id))
-    tx.emit(Topic.JOB_DONE, job_body(job.id, result=result), job.cause)
+    tx.emit(Topic.JOB_DONE, job_body(job.id, kind=job.kind, document=job.document_id,
+                                     result=result), job.cause)
 
 
 def fail(tx: Tx, job: Job, error: str) -> None:
     tx.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
                (JobState.FAILED, error, now(), job.id))
-    tx.emit(Topic.JOB_FAILED, job_body(job.id, error=error, attempts=job.attempts), job.cause)
+    tx.emit(Topic.JOB_FAILED, job_body(job.id, kind=job.kind, document=job.document_id,
+                                       error=error, attempts=job.attempts), job.cause)
 
 
 def requeue(tx: Tx, job: Job, error: str | None, *, count_attempt: bool = True) -> None:

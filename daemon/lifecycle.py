@@ -214,8 +214,10 @@ class Daemon:
             }, backoff_s=self.config.jobs.restart_backoff_s)
         except ModelNotFound as exc:
             error = str(exc)
-        self.dispatcher = Dispatcher(self.config, self.store, self.model,
-                                     cfg.path or cfg.name, model_error=error)
+        # Summaries record the model by name; a configured path is recorded by file name.
+        name = Path(cfg.path).name if cfg.path else cfg.name
+        self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
+                                     model_error=error)
         self.dispatcher.start()
 
     def _start_plugin(self, plugin: Plugin) -> None:

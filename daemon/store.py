@@ -123,9 +123,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode can lose the last commits on power loss but never corrupts the file;
-    # a lost commit is redone from the journal's queued state on the next start.
-    conn.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before its events are published, so a power loss cannot
+    # take back an event that a subscriber already saw (NORMAL could, and reuse its seq).
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn

@@ -97,7 +97,13 @@ class Client:
                 reply = json.loads(frames[-1])
             except ValueError:
                 continue
-            if not isinstance(reply, dict) or reply.get("id") != rid:
+            if not isinstance(reply, dict):
+                continue
+            if reply.get("id") is None and reply.get("ok") is False:
+                # The server could not read the id (the request was too large or not JSON).
+                # Only this call is in flight, so the error is taken as its reply.
+                pass
+            elif reply.get("id") != rid:
                 continue  # a late reply to an earlier call
             if reply.get("ok"):
                 return reply.get("result")
