@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,9 @@ def main() -> int:
             client.close()
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
-    import openvino_genai
-
     print(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                   "python": platform.python_version(),
-                                  "openvino_genai": openvino_genai.__version__},
+                                  "openvino_genai": version("openvino-genai")},
                       "idle": idle, "latency": latency}, indent=2))
     return 0
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from famulus.daemon.config import ConfigError, describe, load_config
+from famulus.daemon.config import ConfigError, config_path, describe, load_config
 from famulus.daemon.paths import RuntimeDirError, user_paths
 
 logger = logging.getLogger("famulus")
@@ -104,6 +105,10 @@ def cmd_summarize(args: argparse.Namespace) -> int:
                 print("unchanged since its last summary; nothing to do", file=sys.stderr)
                 return EXIT_OK
             print(f"queued as job {job_id}; waiting for the summary", file=sys.stderr)
+            model = client.call("status")["model"]
+            if model["state"] in ("failed", "missing"):
+                print(f"warning: no model is loaded ({model.get('error')}); the job waits in "
+                      "the queue until the daemon runs with a working model", file=sys.stderr)
             for event in sub.follow(since=last, client=client,
                                     idle_timeout_s=args.wait_timeout):
                 if event.body.get("job") != job_id:
@@ -172,10 +177,21 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config = load_config(user_paths(), args.config)
-    print(f"config OK ({config.source})")
-    for line in describe(config).split(" "):
-        print(f"  {line}")
+    from famulus.daemon.model.registry import ModelNotFound, resolve
+
+    paths = user_paths()
+    path, _named = config_path(paths, args.config)
+    config = load_config(paths, args.config)
+    where = config.source if config.source != "defaults" else f"defaults; no file at {path}"
+    print(f"config OK ({where})")
+    for item in describe(config):
+        print(f"  {item}")
+    try:
+        model = resolve(paths.models_dir, config.model.name, config.model.path)
+    except ModelNotFound as exc:
+        print(f"model: not usable: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"model: {model}")
     return EXIT_OK
 
 
@@ -249,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeDirError as exc:
         print(f"famulus cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`famulus subscribe | head`); that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -84,6 +84,20 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class GroundingSection:
+    enabled: bool = _setting(
+        True, "Check every summary's numbers, dates, names and quotes against the source.")
+    retry: bool = _setting(
+        True, "Generate once more with stricter prompts when a claim is not in the source.")
+    on_unsupported: str = _setting(
+        "drop_sentences", "What to do when claims are still unsupported after the retry: "
+        "drop_sentences (remove the sentences that carry them) or extractive (use the "
+        "source's most central sentences instead).", choices=("drop_sentences", "extractive"))
+    extractive_sentences: int = _setting(
+        3, "Sentences in an extractive summary.", min=1)
+
+
+@dataclass(frozen=True)
 class JobsSection:
     max_attempts: int = _setting(
         3, "Attempts of a job whose failure may be temporary (model host crash, timeout).",
@@ -106,6 +120,7 @@ class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
     model: ModelSection = field(default_factory=ModelSection)
+    grounding: GroundingSection = field(default_factory=GroundingSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     bus: BusSection = field(default_factory=BusSection)
     source: str = field(default="defaults", compare=False)
@@ -162,6 +177,10 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
     """Build a Config from parsed TOML, rejecting unknown keys and invalid values."""
     sections: dict[str, Any] = {}
     for name, value in raw.items():
+        owners = [key for key, _, _ in settings() if key.endswith(f".{name}")]
+        if not isinstance(value, dict) and owners:
+            raise ConfigError(f"{source}: `{name}` is outside any section; put it under its "
+                              f"section as {' or '.join(owners)}")
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
                               f"{', '.join(SECTIONS)}")
@@ -222,10 +241,11 @@ def _check_rules(where: str, items: tuple[Any, ...], rules: types.MappingProxyTy
             raise ConfigError(f"{where}: must be at least {rules['min']}")
 
 
-def describe(config: Config) -> str:
-    """Render the effective config as one `key=value` line per key, for the start-up log."""
-    lines = []
+def describe(config: Config) -> list[str]:
+    """Render the effective config as `key=value` items, one per key."""
+    items = []
     for key, _spec, _kind in settings():
         section, name = key.split(".")
-        lines.append(f"{key}={getattr(getattr(config, section), name)!r}")
-    return " ".join(lines)
+        value = getattr(getattr(config, section), name)
+        items.append(f"{key}={list(value) if isinstance(value, tuple) else value!r}")
+    return items

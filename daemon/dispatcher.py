@@ -15,11 +15,19 @@ from typing import Any
 
 from famulus.daemon import documents, journal
 from famulus.daemon.config import Config
-from famulus.daemon.documents import DocState, FileInfo
+from famulus.daemon.documents import DocState, FileInfo, Outcome
 from famulus.daemon.extract import ExtractionError, extract_text
+from famulus.daemon.grounding.policy import Action, ground, unchecked
 from famulus.daemon.journal import Job, JobKind
 from famulus.daemon.model.registry import sha256_of
-from famulus.daemon.model.summarize import Budget, EmptySummary, Summarizer
+from famulus.daemon.model.summarize import (
+    DEFAULT_PROMPTS,
+    STRICT_PROMPTS,
+    Budget,
+    EmptySummary,
+    Prompts,
+    Summarizer,
+)
 from famulus.daemon.model.supervisor import LoadFailed, ModelError, ModelHost
 from famulus.daemon.store import Store, Tx
 from famulus.ipc.protocol import Topic
@@ -67,8 +75,8 @@ class Dispatcher:
         self.wake()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("dispatcher still busy after %.1f s: job=%s", timeout,
-                           self.current_job)
+            busy = f"job={self.current_job}" if self.current_job else "loading the model"
+            logger.warning("dispatcher still busy after %.1f s (%s)", timeout, busy)
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -202,9 +210,9 @@ class Dispatcher:
         if earlier is not None:
             logger.info("same content summarized before, reusing it: job=%d document=%d",
                         job.id, job.document_id)
+            reused = Outcome.from_row(earlier)
             self._finish(job, lambda tx: self._store_summary(
-                tx, job, info, sha256, fmt=row["format"], text=earlier["text"],
-                device=earlier["device"], chunks=earlier["chunks"], stats={},
+                tx, job, info, sha256, fmt=row["format"], outcome=reused,
                 reused_from=earlier["document_id"]))
             return
         try:
@@ -213,30 +221,53 @@ class Dispatcher:
             if exc.permanent:
                 raise PermanentFailure(exc.reason, str(exc)) from exc
             raise ModelError(str(exc)) from exc  # temporary: retried like a model failure
-        result = self._summarizer(job).summarize(extracted.text)
+        outcome = self._write_summary(job, extracted.text)
         self._finish(job, lambda tx: self._store_summary(
-            tx, job, info, sha256, fmt=extracted.format, text=result.text,
-            device=self._device(), chunks=result.chunks,
-            stats={"generated_tokens": result.generated_tokens,
-                   "generation_s": round(result.generation_s, 3)}, reused_from=None))
+            tx, job, info, sha256, fmt=extracted.format, outcome=outcome, reused_from=None))
 
     def _summarize_text(self, job: Job) -> None:
         text = str(job.payload.get("text", "")).strip()
         if not text:
             raise PermanentFailure("no_text", "the text to summarize is empty")
-        result = self._summarizer(job).summarize(text)
+        outcome = self._write_summary(job, text)
 
         def store(tx: Tx) -> None:
             documents.save_summary(tx, job, sha256=None, model=self.model_name,
-                                   device=self._device(), text=result.text,
-                                   chunks=result.chunks, prompt_tokens=None,
-                                   generated_tokens=result.generated_tokens,
-                                   generation_s=result.generation_s)
-            journal.finish(tx, job, {"summary": result.text, "chunks": result.chunks,
-                                     "model": self.model_name, "device": self._device()})
+                                   outcome=outcome)
+            journal.finish(tx, job, {"summary": outcome.text, "chunks": outcome.chunks,
+                                     "model": self.model_name, "device": outcome.device,
+                                     **outcome.grounding_fields()})
         self._finish(job, store)
 
-    def _summarizer(self, job: Job) -> Summarizer:
+    def _write_summary(self, job: Job, source: str) -> Outcome:
+        """Summarize `source`, then check the summary against it and apply the policy."""
+        result = self._summarizer(job).summarize(source)
+        totals = {"tokens": result.generated_tokens, "seconds": result.generation_s}
+
+        def regenerate() -> str:
+            logger.info("summary names facts the source lacks; trying stricter prompts: "
+                        "job=%d", job.id)
+            retry = self._summarizer(job, STRICT_PROMPTS).summarize(source)
+            totals["tokens"] += retry.generated_tokens
+            totals["seconds"] += retry.generation_s
+            return retry.text
+
+        cfg = self.config.grounding
+        if cfg.enabled:
+            checked = ground(source, result.text, regenerate,
+                             action=Action(cfg.on_unsupported), retry=cfg.retry,
+                             extractive_sentences=cfg.extractive_sentences)
+        else:
+            checked = unchecked(source, result.text)
+        if checked.unsupported:
+            logger.info("grounding: job=%d path=%s unsupported_claims=%d", job.id,
+                        checked.path, len(checked.unsupported))
+        return Outcome(text=checked.text, device=self._device(), chunks=result.chunks,
+                       generated_tokens=totals["tokens"],
+                       generation_s=round(totals["seconds"], 3), grounding=str(checked.path),
+                       grounded=checked.grounded, unsupported=checked.unsupported)
+
+    def _summarizer(self, job: Job, prompts: Prompts = DEFAULT_PROMPTS) -> Summarizer:
         assert self.model is not None
         cfg = self.config.model
         budget = Budget(max_prompt_tokens=self._prompt_budget(),
@@ -247,7 +278,7 @@ class Dispatcher:
         def progress(done: int, total: int) -> None:
             self._emit(Topic.JOB_PROGRESS, {"job": job.id, "step": done, "steps": total},
                        job.cause)
-        return Summarizer(self.model, budget, progress)
+        return Summarizer(self.model, budget, progress, prompts)
 
     def _prompt_budget(self) -> int:
         cfg = self.config.model
@@ -261,19 +292,18 @@ class Dispatcher:
     # -- outcomes (run on the writer thread) -----------------------------------------------
 
     def _store_summary(self, tx: Tx, job: Job, info: FileInfo, sha256: str, *, fmt: str | None,
-                       text: str, device: str, chunks: int, stats: dict[str, Any],
-                       reused_from: int | None) -> None:
-        documents.save_summary(tx, job, sha256=sha256, model=self.model_name, device=device,
-                               text=text, chunks=chunks, prompt_tokens=None,
-                               generated_tokens=stats.get("generated_tokens"),
-                               generation_s=stats.get("generation_s"))
+                       outcome: Outcome, reused_from: int | None) -> None:
+        documents.save_summary(tx, job, sha256=sha256, model=self.model_name, outcome=outcome)
         documents.settle(tx, job, DocState.SUMMARIZED, info=info, sha256=sha256, fmt=fmt)
         body = {"document": job.document_id, "path": info.path, "job": job.id,
-                "summary": text, "model": self.model_name, "device": device,
-                "chunks": chunks, "sha256": sha256, "reused_from": reused_from, **stats}
+                "summary": outcome.text, "model": self.model_name, "device": outcome.device,
+                "chunks": outcome.chunks, "sha256": sha256, "reused_from": reused_from,
+                "generated_tokens": outcome.generated_tokens,
+                "generation_s": outcome.generation_s, **outcome.grounding_fields()}
         tx.emit(Topic.DOCUMENT_SUMMARIZED, body, job.cause)
-        journal.finish(tx, job, {"document": job.document_id, "chunks": chunks,
-                                 "reused_from": reused_from, "summary": text})
+        journal.finish(tx, job, {"document": job.document_id, "chunks": outcome.chunks,
+                                 "reused_from": reused_from, "summary": outcome.text,
+                                 **outcome.grounding_fields()})
 
     def _skip(self, tx: Tx, job: Job, info: FileInfo, reason: str) -> None:
         documents.settle(tx, job, DocState.SKIPPED, info=info, sha256=None, reason=reason,

@@ -8,6 +8,7 @@ events announcing them always commit together.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +124,42 @@ def summary_for_content(conn: sqlite3.Connection | Tx, sha256: str, model: str
                         "ORDER BY id DESC LIMIT 1", (sha256, model)).fetchone()
 
 
-def save_summary(tx: Tx, job: journal.Job, *, sha256: str | None, model: str, device: str,
-                 text: str, chunks: int, prompt_tokens: int | None,
-                 generated_tokens: int | None, generation_s: float | None) -> int:
+@dataclass(frozen=True)
+class Outcome:
+    """A finished summary with its provenance, ready to be stored."""
+
+    text: str
+    device: str
+    chunks: int
+    generated_tokens: int | None
+    generation_s: float | None
+    grounding: str
+    grounded: bool | None
+    unsupported: list[dict[str, str]]
+
+    def grounding_fields(self) -> dict[str, Any]:
+        return {"grounded": self.grounded, "grounding": self.grounding,
+                "unsupported": self.unsupported}
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Outcome:
+        """Rebuild a stored summary's outcome for reuse; no tokens were generated for it."""
+        grounded = row["grounded"]
+        return cls(text=row["text"], device=row["device"], chunks=row["chunks"],
+                   generated_tokens=None, generation_s=None, grounding=row["grounding"],
+                   grounded=None if grounded is None else bool(grounded),
+                   unsupported=json.loads(row["unsupported"]))
+
+
+def save_summary(tx: Tx, job: journal.Job, *, sha256: str | None, model: str,
+                 outcome: Outcome) -> int:
     """Insert the summary, or replace the document's previous one (one row per document)."""
-    values = {"job_id": job.id, "sha256": sha256, "model": model, "device": device,
-              "text": text, "chunks": chunks, "prompt_tokens": prompt_tokens,
-              "generated_tokens": generated_tokens, "generation_s": generation_s,
+    values = {"job_id": job.id, "sha256": sha256, "model": model, "device": outcome.device,
+              "text": outcome.text, "chunks": outcome.chunks, "prompt_tokens": None,
+              "generated_tokens": outcome.generated_tokens,
+              "generation_s": outcome.generation_s, "grounding": outcome.grounding,
+              "grounded": outcome.grounded,
+              "unsupported": json.dumps(outcome.unsupported, ensure_ascii=False),
               "created_at": now()}
     existing = None
     if job.document_id is not None:

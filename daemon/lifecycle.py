@@ -181,7 +181,10 @@ class Daemon:
         self._lock.acquire()
         logger.info("famulus %s starting: pid=%d config=%s", self.version, os.getpid(),
                     self.config.source)
-        logger.info("effective config: %s", describe(self.config))
+        logger.info("effective config: %s", " ".join(describe(self.config)))
+        if not self.config.watch.folders:
+            logger.warning("watch.folders is empty: no folder is watched; only requests "
+                           "over the bus are served")
         self.store = Store(self.paths.database)
         recovered = self.store.call(recover_interrupted)
         if recovered:

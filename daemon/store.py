@@ -87,6 +87,12 @@ MIGRATIONS: list[str] = [
     """,
     # Full-text search over summaries, kept in step by sqlite-utils' triggers.
     "FTS:summaries:text",
+    # How each summary was checked against its source, and the claims it could not find.
+    """
+    ALTER TABLE summaries ADD COLUMN grounding TEXT NOT NULL DEFAULT 'off';
+    ALTER TABLE summaries ADD COLUMN grounded INTEGER;
+    ALTER TABLE summaries ADD COLUMN unsupported TEXT NOT NULL DEFAULT '[]'
+    """,
 ]
 
 

@@ -13,6 +13,7 @@ Installing famulus's core is enough to use this from another program::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,17 @@ class DaemonUnavailable(Exception):
     """No reply came in time: the daemon is not running or is stuck."""
 
 
+def require_socket_file(endpoint: str) -> None:
+    """Raise DaemonUnavailable at once when an ipc:// endpoint's socket file is missing.
+
+    ZeroMQ would connect lazily and wait for the full timeout; a missing file already says
+    that no daemon is listening there.
+    """
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        raise DaemonUnavailable(f"no daemon is listening: {endpoint[len('ipc://'):]} does "
+                                "not exist; start one with `famulus run`")
+
+
 class Client:
     """Synchronous request client over a DEALER socket.
 
@@ -65,6 +77,7 @@ class Client:
         self.close()
 
     def _socket(self) -> zmq.Socket[Any]:
+        require_socket_file(self.endpoint)
         if self._sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, LINGER_MS)
@@ -122,6 +135,7 @@ class Subscriber:
         self.requests_endpoint = requests_endpoint or (paths.requests_endpoint if paths else "")
         self.topics = set(topics or [])
         self._ctx = context or zmq.Context.instance()
+        require_socket_file(self.endpoint)
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
         for topic in self.topics or {""}:

@@ -199,11 +199,40 @@ class DaemonHome:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
 
+def processes_with_home(home: Path) -> list[int]:
+    """List the PIDs of live processes whose environment has HOME=`home`."""
+    marker = f"HOME={home}".encode() + b"\0"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ and pid_alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
 @pytest.fixture
 def daemon_home(tmp_path: Path, model_path: Path) -> Iterator[DaemonHome]:
     home = DaemonHome(tmp_path, model_path)
     yield home
     home.stop()
+    # Every process the daemon started (model host and anything it forked) must be gone.
+    leftovers = wait_for_none(lambda: processes_with_home(tmp_path), 10)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left behind by the daemon: {leftovers}"
+
+
+def wait_for_none(probe: Callable[[], list[int]], timeout: float) -> list[int]:
+    """Poll `probe` until it returns an empty list or `timeout` passes; return the last."""
+    deadline = time.monotonic() + timeout
+    while (found := probe()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -125,9 +125,13 @@ def test_error_reply_raises_bus_error(bus: Bus) -> None:
 
 
 def test_no_daemon_raises_unavailable(tmp_path: Path) -> None:
-    client = Client(f"ipc://{tmp_path / 'nobody.sock'}", timeout_s=0.2)
-    with pytest.raises(DaemonUnavailable, match="famulus run"):
+    client = Client(f"ipc://{tmp_path / 'nobody.sock'}", timeout_s=30)
+    # The missing socket file is reported at once, not after the 30 s timeout.
+    with pytest.raises(DaemonUnavailable, match="nobody.sock does not exist"):
         client.call(Method.STATUS)
+    with pytest.raises(DaemonUnavailable, match="does not exist"):
+        Subscriber(endpoint=f"ipc://{tmp_path / 'events.sock'}",
+                   requests_endpoint=f"ipc://{tmp_path / 'nobody.sock'}")
 
 
 def test_subscription_matches_topic_exactly(bus: Bus) -> None:

@@ -74,3 +74,9 @@ def test_watch_folders_expand_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_ints_accepted_for_floats() -> None:
     assert parse_config({"watch": {"quiet_period_s": 3}}).watch.quiet_period_s == 3.0
+
+
+def test_key_outside_section_names_section() -> None:
+    with pytest.raises(ConfigError, match="outside any section; put it under its section as "
+                       "watch.quiet_period_s"):
+        parse_config({"quiet_period_s": 1.0})

