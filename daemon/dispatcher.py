@@ -107,6 +107,13 @@ class Dispatcher:
                 self._finish(job, partial(self._fail_permanently, job=job, exc=failure))
             finally:
                 self.current_job = None
+            self._log_backlog()
+
+    def _log_backlog(self) -> None:
+        """Log the queue depth after each job, so a long backlog shows its progress."""
+        waiting = journal.counts(self.store.read()).get(journal.JobState.QUEUED, 0)
+        if waiting:
+            logger.info("backlog: %d job(s) queued", waiting)
 
     def _load_model(self) -> bool:
         if self.model is None:

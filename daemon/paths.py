@@ -19,7 +19,7 @@ class RuntimeDirError(Exception):
 
 @dataclass(frozen=True)
 class UserPaths:
-    """Where famulus keeps its files for the current user."""
+    """The folders famulus uses for the current user."""
 
     config_dir: Path
     data_dir: Path

@@ -1,9 +1,9 @@
 """The SQLite store: one writer thread, per-thread readers, migrations and the event log.
 
 All writes go through `Store.call` / `Store.submit`, which run a function on the single writer
-thread inside `BEGIN IMMEDIATE ... COMMIT`. A function can append events with `Tx.emit`; they
-are written in the same transaction as the change they describe and handed to the bus only
-after the commit, so an event that a subscriber saw is always in the log, and a change that
+thread inside `BEGIN IMMEDIATE ... COMMIT`. A function can append events with `Tx.emit`.
+They are written in the same transaction as the change they describe and reach the bus only
+after the commit. So an event that a subscriber saw is always in the log, and a change that
 was rolled back was never announced.
 """
 
@@ -146,7 +146,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         try:
             if step.startswith("FTS:"):
                 _, table, column = step.split(":")
-                sqlite_utils.Database(conn)[table].enable_fts(
+                sqlite_utils.Database(conn).table(table).enable_fts(
                     [column], create_triggers=True, tokenize="unicode61")
             else:
                 for statement in filter(str.strip, step.split(";")):

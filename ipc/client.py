@@ -180,7 +180,7 @@ class Subscriber:
         arrives for that long.
         """
         # Receive every topic while following, so that a jump in the numbers is a real gap
-        # and not just events of other topics; the exact filter still applies below.
+        # and not just events of other topics. The exact filter still applies below.
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         own_client = client is None
         client = client or Client(self.requests_endpoint)

@@ -16,7 +16,7 @@ ENTRY_POINT_GROUP = "famulus.plugins"
 
 
 class PluginContext(Protocol):
-    """What a running plugin may do."""
+    """The operations a running plugin may use."""
 
     config: Config
     logger: logging.Logger

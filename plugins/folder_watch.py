@@ -2,7 +2,7 @@
 
 A file is handed on only after its size and mtime have stayed unchanged for the quiet period,
 so a file written in chunks yields one job after the last write. Names of partial downloads,
-lock files and editor temporaries are ignored; a rename acts on its destination, which covers
+lock files and editor temporaries are ignored. A rename acts on its destination, which covers
 a finished download renamed into place and an editor's atomic save. A scan at start catches up
 with files added, changed or deleted while the daemon was down.
 """
@@ -120,7 +120,7 @@ class FolderWatchPlugin:
 
     def _walk(self, folder: Path) -> list[Path]:
         extra = self.ctx.config.watch.ignore_patterns
-        files = []
+        files: list[Path] = []
         for root, dirs, names in os.walk(folder):
             dirs[:] = [d for d in dirs if not is_ignored(d, extra)]
             if not self.ctx.config.watch.recursive and Path(root) != folder:

@@ -111,3 +111,19 @@ def test_extractive_short_text_returns_start() -> None:
 def test_extractive_joins_hyphenated_lines() -> None:
     text = "The siege became too dan-\ngerous for the people who lived in the city."
     assert "dangerous" in extractive_summary(text)
+
+
+def test_extractive_keeps_title_apart() -> None:
+    text = ("A Case Study of Inference Tuning for MATH\n"
+            "What about inference parameters? We tune the model and its parameters for hard "
+            "math problems.")
+    summary = extractive_summary(text, 3)
+    assert check(summary, text).grounded
+    assert "MATH\n" in summary
+
+
+def test_extractive_keeps_abbreviations_inside() -> None:
+    text = ("For easy problems the tuned model was more accurate (e.g., 90% vs. 70%) and cost "
+            "less than the untuned one. The hard problems showed the opposite result.")
+    sentences = source_sentences(text)
+    assert sentences[0].endswith("cost less than the untuned one.")

@@ -11,6 +11,9 @@ import re
 from collections import Counter
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“(\[]?[A-Z0-9])")
+_ABBREVIATION = re.compile(
+    r"(?:\b(?:e\.g|i\.e|vs|etc|cf|al|fig|figs|no|nos|vol|pp|mr|mrs|ms|dr|prof|st|approx|"
+    r"jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec)|\b[A-Z])\.$", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
 
 # Function words carry no topic; without this list they would dominate every score.
@@ -33,10 +36,9 @@ def source_sentences(text: str) -> list[str]:
     seen: Counter[str] = Counter()
     # A word hyphenated across a line break ("dan-\ngerous") is joined again.
     text = re.sub(r"(?<=[^\W\d_])-\n(?=[^\W\d_])", "", _without_running_lines(text))
-    for block in re.split(r"\n\s*\n", text):
+    for block in _blocks(text):
         flat = " ".join(block.split())
-        for sentence in _SENTENCE_END.split(flat):
-            sentence = sentence.strip()
+        for sentence in _split_sentences(flat):
             if not MIN_CHARS <= len(sentence) <= MAX_CHARS:
                 continue
             letters = sum(ch.isalpha() for ch in sentence)
@@ -47,6 +49,42 @@ def source_sentences(text: str) -> list[str]:
             seen[_shape(sentence)] += 1
     # Repeated sentences (boilerplate) are not central content: drop every copy.
     return [s for s in sentences if seen[_shape(s)] == 1]
+
+
+def _blocks(text: str) -> list[str]:
+    """Split text at blank lines and after heading-like lines.
+
+    A short line without closing punctuation followed by a capitalized line is a heading
+    or a title, and would otherwise be glued to the next sentence.
+    """
+    blocks: list[str] = []
+    current: list[str] = []
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped:
+            current.append(stripped)
+        following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+        heading = (stripped and len(stripped) < 60 and stripped[-1] not in ".,;:-"
+                   and following[:1].isupper())
+        if (not stripped or heading) and current:
+            blocks.append(" ".join(current))
+            current = []
+    if current:
+        blocks.append(" ".join(current))
+    return blocks
+
+
+def _split_sentences(flat: str) -> list[str]:
+    """Split a paragraph at sentence ends, but not after common abbreviations."""
+    sentences: list[str] = []
+    for piece in _SENTENCE_END.split(flat):
+        piece = piece.strip()
+        if sentences and _ABBREVIATION.search(sentences[-1]):
+            sentences[-1] = f"{sentences[-1]} {piece}"
+        elif piece:
+            sentences.append(piece)
+    return sentences
 
 
 def _without_running_lines(text: str) -> str:
@@ -70,9 +108,9 @@ def extractive_summary(text: str, max_sentences: int = 3) -> str:
     """Return up to `max_sentences` central sentences of `text`, in their original order.
 
     A sentence's score is the mean document frequency of its content words, so sentences
-    about the document's main topics win; a small bonus favours early sentences, where
-    documents usually state what they are about. A text without qualifying sentences
-    gives its first `MAX_CHARS` characters, cut at a space.
+    about the document's main topics win. A small bonus favours early sentences, because
+    documents usually state their subject first. A text without qualifying sentences gives
+    its first `MAX_CHARS` characters, cut at a space.
     """
     sentences = source_sentences(text)
     if not sentences:
@@ -87,6 +125,12 @@ def extractive_summary(text: str, max_sentences: int = 3) -> str:
             continue
         centrality = sum(frequency[w] for w in words) / len(words)
         position = 1.0 + 0.5 / math.sqrt(index + 1)
-        scored.append((centrality * position, index))
+        # Lines without closing punctuation are mostly headings and table rows: they name
+        # topics but say little about them.
+        form = 1.0 if sentences[index][-1] in ".!?" else 0.4
+        scored.append((centrality * position * form, index))
     chosen = sorted(index for _, index in sorted(scored, reverse=True)[:max_sentences])
-    return " ".join(sentences[i] for i in chosen)
+    # A sentence without closing punctuation (a title) ends its line, so that it does not
+    # run into the next sentence.
+    return "".join(sentences[i] + (" " if sentences[i][-1] in ".!?" else "\n")
+                   for i in chosen).strip()

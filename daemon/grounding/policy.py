@@ -1,4 +1,4 @@
-"""What happens to a summary that names facts its source lacks.
+"""The grounding policy: the handling of a summary that names facts its source lacks.
 
 Every summary is checked claim by claim against the source. When a claim is unsupported,
 the summary is generated once more with stricter prompts (decoding is greedy on both
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class GroundingPath(enum.StrEnum):
-    """How the stored summary came about."""
+    """The path by which the stored summary came about."""
 
     OFF = "off"  # checking is disabled in the config
     GROUNDED = "grounded"  # the first summary had no unsupported claim

@@ -123,11 +123,10 @@ class Host:
         config.apply_chat_template = False
         config.do_sample = False
         deadline = time.monotonic() + float(request["timeout_s"])
-        state = {"pieces": 0, "stopped": ""}
+        state = {"stopped": ""}
         self._cancel.clear()
 
         def streamer(_piece: str) -> Any:
-            state["pieces"] += 1
             if self._cancel.is_set():
                 state["stopped"] = "cancelled"
                 return openvino_genai.StreamingStatus.CANCEL
