@@ -81,10 +81,12 @@ def evaluate_model(model_path: Path, config: Config) -> dict[str, Any]:
             raw_report, stored_report = check(raw, index), check(stored.text, index)
             rows.append({
                 "document": doc["path"].name,
-                "raw": {"unsupported": [c.text for c in raw_report.unsupported],
+                "raw": {"text": raw,
+                        "unsupported": [c.text for c in raw_report.unsupported],
                         "coverage": round(fact_coverage(raw, doc["facts"]), 3),
                         "words": len(raw.split())},
-                "stored": {"path": str(stored.path), "grounded": stored.grounded,
+                "stored": {"text": stored.text, "path": str(stored.path),
+                           "grounded": stored.grounded,
                            "unsupported_left": [c.text for c in stored_report.unsupported],
                            "coverage": round(fact_coverage(stored.text, doc["facts"]), 3),
                            "words": len(stored.text.split())},
@@ -117,10 +119,15 @@ def main() -> int:
                         help="GGUF file or OpenVINO IR folder (repeatable); default: the "
                         "registered default model")
     parser.add_argument("--max-new-tokens", type=int, help="override model.max_new_tokens")
+    parser.add_argument("--on-unsupported", choices=[a.value for a in Action],
+                        help="override grounding.on_unsupported")
     args = parser.parse_args()
     config = Config()
     if args.max_new_tokens:
         config = replace(config, model=replace(config.model, max_new_tokens=args.max_new_tokens))
+    if args.on_unsupported:
+        config = replace(config, grounding=replace(config.grounding,
+                                                   on_unsupported=args.on_unsupported))
     models = args.model or [resolve(user_paths().models_dir, config.model.name, "")]
     report = {"config": {"max_new_tokens": config.model.max_new_tokens,
                          "on_unsupported": config.grounding.on_unsupported,

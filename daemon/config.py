@@ -90,7 +90,7 @@ class GroundingSection:
     retry: bool = _setting(
         True, "Generate once more with stricter prompts when a claim is not in the source.")
     on_unsupported: str = _setting(
-        "drop_sentences", "What to do when claims are still unsupported after the retry: "
+        "extractive", "What to do when claims are still unsupported after the retry: "
         "drop_sentences (remove the sentences that carry them) or extractive (use the "
         "source's most central sentences instead).", choices=("drop_sentences", "extractive"))
     extractive_sentences: int = _setting(
