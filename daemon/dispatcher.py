@@ -28,7 +28,12 @@ from famulus.daemon.model.summarize import (
     Prompts,
     Summarizer,
 )
-from famulus.daemon.model.supervisor import LoadFailed, ModelError, ModelHost
+from famulus.daemon.model.supervisor import (
+    GenerationStopped,
+    LoadFailed,
+    ModelError,
+    ModelHost,
+)
 from famulus.daemon.store import Store, Tx
 from famulus.ipc.protocol import Topic
 
@@ -52,6 +57,7 @@ class Dispatcher:
         self.model_name = model_name
         self.model_error = model_error
         self.current_job: int | None = None
+        self._cancel_job: int | None = None
         self._wake = threading.Condition()
         self._pending_wake = False
         self._stopping = threading.Event()
@@ -67,6 +73,15 @@ class Dispatcher:
         with self._wake:
             self._pending_wake = True
             self._wake.notify()
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop the running job `job_id`; return False when it is not the running job."""
+        if self.current_job != job_id:
+            return False
+        self._cancel_job = job_id
+        if self.model is not None:
+            self.model.cancel()
+        return True
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -164,7 +179,21 @@ class Dispatcher:
             logger.warning("job failed: job=%d reason=%s", job.id, exc)
             self._finish(job, partial(self._fail_permanently, job=job, exc=exc))
         except (ModelError, EmptySummary) as exc:
-            self._retry_or_fail(job, exc)
+            if self._cancel_job == job.id:
+                logger.info("job cancelled while running: job=%d", job.id)
+                self._finish(job, partial(self._cancelled, job=job))
+            else:
+                self._retry_or_fail(job, exc)
+        finally:
+            self._cancel_job = None
+
+    def _cancelled(self, tx: Tx, job: Job) -> None:
+        reason = "cancelled by request"
+        if job.document_id is not None:
+            # Settled as skipped: the watcher does not queue it again until the file changes.
+            documents.settle(tx, job, DocState.SKIPPED, info=None, sha256=None, reason=reason,
+                             reason_code="cancelled")
+        journal.mark_cancelled(tx, job, reason)
 
     def _retry_or_fail(self, job: Job, exc: Exception) -> None:
         if self._stopping.is_set():
@@ -283,6 +312,9 @@ class Dispatcher:
                         timeout_s=cfg.generation_timeout_s)
 
         def progress(done: int, total: int) -> None:
+            # A cancel that arrives between two generations takes effect before the next.
+            if self._cancel_job == job.id:
+                raise GenerationStopped("generation cancelled by request")
             self._emit(Topic.JOB_PROGRESS, {"job": job.id, "step": done, "steps": total},
                        job.cause)
         return Summarizer(self.model, budget, progress, prompts)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from famulus.daemon import documents, journal
 from famulus.daemon.documents import FileInfo
-from famulus.daemon.journal import JobKind, Lane
+from famulus.daemon.journal import JobKind, JobState, Lane
 from famulus.ipc.protocol import PROTOCOL_VERSION, ErrorCode, Method, Request
 from famulus.ipc.server import Handler, RequestError
 
@@ -46,7 +46,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 "uptime_s": round(daemon.uptime_s(), 3), "model": daemon.model_status(),
                 "jobs": journal.counts(conn), "documents": documents.counts(conn),
                 "current_job": daemon.dispatcher.current_job if daemon.dispatcher else None,
-                "last_seq": last,
+                "last_seq": last, "paused": daemon.paused,
                 "watch_folders": [str(f) for f in daemon.config.watch_folders()],
                 "bus": dict(daemon.bus.stats) if daemon.bus else {}}
 
@@ -115,13 +115,104 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         last = rows[-1]["seq"] if rows else since
         return {"events": out, "last_seq": last, "more": len(rows) == limit}
 
+    def jobs(request: Request) -> dict[str, Any]:
+        """List jobs newest first.
+
+        Params (all optional): {"state": str or [str], "kind": str, "lane": str, "document":
+        int, "before": job id to page backwards from, "limit": 1..500 (default 50)}. Result:
+        {"jobs": [job], "more": bool}.
+        """
+        states = request.params.get("state")
+        if isinstance(states, str):
+            states = [states]
+        if states is not None and not (isinstance(states, list) and
+                                       all(s in set(JobState) for s in states)):
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`state` must be one or more of "
+                               f"{', '.join(JobState)}, got {states!r}")
+        lane_name = request.params.get("lane")
+        lanes = {lane.name.lower(): lane for lane in Lane}
+        if lane_name is not None and lane_name not in lanes:
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`lane` must be one of "
+                               f"{', '.join(lanes)}, got {lane_name!r}")
+        kind = request.params.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`kind` must be a string, got {kind!r}")
+        limit = _int_param(request, "limit", 50)
+        if not 1 <= limit <= 500:
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`limit` must be 1 to 500, got {limit}")
+        document = request.params.get("document")
+        before = request.params.get("before")
+        for name, value in (("document", document), ("before", before)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RequestError(ErrorCode.INVALID_PARAMS,
+                                   f"`{name}` must be a whole number, got {value!r}")
+        rows = journal.listing(store.read(), states=states, kind=kind,
+                               lane=None if lane_name is None else lanes[lane_name],
+                               document_id=document, before_id=before, limit=limit + 1)
+        return {"jobs": rows[:limit], "more": len(rows) > limit}
+
+    def cancel(request: Request) -> dict[str, Any]:
+        """Cancel a queued or running job by `id`.
+
+        Result: {"job": id, "state": "cancelled"} for a queued job, or {"job": id, "state":
+        "cancelling"} for a running one; `job.cancelled` follows once it has stopped.
+        """
+        job_id = _int_param(request, "id")
+        before = store.call(lambda tx: journal.cancel(tx, job_id, "cancelled by request"))
+        if before is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no job with id {job_id}")
+        if before == JobState.QUEUED:
+            return {"job": job_id, "state": JobState.CANCELLED.value}
+        if before == JobState.RUNNING and daemon.dispatcher and daemon.dispatcher.cancel(job_id):
+            return {"job": job_id, "state": "cancelling"}
+        raise RequestError(ErrorCode.CONFLICT, f"job {job_id} is {before}; only queued and "
+                           "running jobs can be cancelled")
+
+    def search(request: Request) -> dict[str, Any]:
+        """Search summaries by full text.
+
+        Params: {"query": str, "limit": 1..100 (default 20)}. Every word of the query must
+        occur (FTS5 with the unicode61 tokenizer, so case and accents do not matter). Result:
+        {"results": [{"document", "path", "job", "summary", "snippet", "created_at"}]}, best
+        match first.
+        """
+        query = request.params.get("query")
+        if not isinstance(query, str) or not query.split():
+            raise RequestError(ErrorCode.INVALID_PARAMS, "`query` must be non-empty text")
+        limit = _int_param(request, "limit", 20)
+        if not 1 <= limit <= 100:
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`limit` must be 1 to 100, got {limit}")
+        # Each word becomes a quoted FTS5 string, so that user input is never FTS syntax.
+        match = " ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+        rows = store.query(
+            "SELECT s.document_id, d.path, s.job_id, s.text, s.created_at, "
+            "snippet(summaries_fts, 0, '[', ']', '…', 12) AS snippet "
+            "FROM summaries_fts JOIN summaries s ON s.rowid = summaries_fts.rowid "
+            "LEFT JOIN documents d ON d.id = s.document_id "
+            "WHERE summaries_fts MATCH ? ORDER BY summaries_fts.rank LIMIT ?", (match, limit))
+        return {"results": [{"document": r["document_id"], "path": r["path"],
+                             "job": r["job_id"], "summary": r["text"], "snippet": r["snippet"],
+                             "created_at": r["created_at"]} for r in rows]}
+
+    def pause(request: Request) -> dict[str, Any]:
+        """Pause the watchers until `resume`. Result: {"paused": true}."""
+        daemon.set_paused(True)
+        return {"paused": True}
+
+    def resume(request: Request) -> dict[str, Any]:
+        """Resume the watchers; a scan catches up with what changed meanwhile."""
+        daemon.set_paused(False)
+        return {"paused": False}
+
     def shutdown(request: Request) -> dict[str, Any]:
         """Ask the daemon to stop (staged shutdown, as after SIGTERM)."""
         daemon.request_stop()
         return {"stopping": True}
 
     return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
-            Method.EVENTS: events, Method.SHUTDOWN: shutdown}
+            Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
+            Method.PAUSE: pause, Method.RESUME: resume, Method.EVENTS: events,
+            Method.SHUTDOWN: shutdown}
 
 
 def _envelope(row: Any) -> dict[str, Any]:

@@ -110,6 +110,27 @@ def fail(tx: Tx, job: Job, error: str) -> None:
                                        error=error, attempts=job.attempts), job.cause)
 
 
+def cancel(tx: Tx, job_id: int, reason: str) -> str | None:
+    """Cancel a job that has not finished; return its state before, None if not found.
+
+    Only a queued job changes here. A running job is stopped by the dispatcher, which then
+    calls `mark_cancelled`.
+    """
+    row = tx.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    if row["state"] == JobState.QUEUED:
+        mark_cancelled(tx, Job.from_row(row), reason)
+    return str(row["state"])
+
+
+def mark_cancelled(tx: Tx, job: Job, reason: str) -> None:
+    tx.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
+               (JobState.CANCELLED, reason, now(), job.id))
+    tx.emit(Topic.JOB_CANCELLED, job_body(job.id, kind=job.kind, document=job.document_id,
+                                          reason=reason), job.cause)
+
+
 def requeue(tx: Tx, job: Job, error: str | None, *, count_attempt: bool = True) -> None:
     """Put a running job back in the queue (after a temporary failure or at shutdown)."""
     tx.execute("UPDATE jobs SET state = ?, error = ?, started_at = NULL, "
@@ -134,8 +155,33 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 def get(conn: sqlite3.Connection, job_id: int) -> dict[str, Any] | None:
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
-        return None
+    return None if row is None else to_dict(row)
+
+
+def listing(conn: sqlite3.Connection, *, states: list[str] | None, kind: str | None,
+            lane: Lane | None, document_id: int | None, before_id: int | None,
+            limit: int) -> list[dict[str, Any]]:
+    """List jobs newest first, filtered; `before_id` pages backwards."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if states:
+        clauses.append(f"state IN ({', '.join('?' for _ in states)})")
+        params.extend(states)
+    for column, value in (("kind", kind), ("lane", None if lane is None else int(lane)),
+                          ("document_id", document_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if before_id is not None:
+        clauses.append("id < ?")
+        params.append(before_id)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
+                        (*params, limit)).fetchall()
+    return [to_dict(row) for row in rows]
+
+
+def to_dict(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
     out["payload"] = json.loads(out["payload"])
     out["result"] = json.loads(out["result"]) if out["result"] else None

@@ -153,6 +153,7 @@ class Daemon:
         self.plugins: list[Plugin] = []
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
+        self.paused = False
         self._started_at = time.monotonic()
 
     def uptime_s(self) -> float:
@@ -160,6 +161,24 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause or resume every plugin that supports it, and announce the change."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        for plugin in self.plugins:
+            method = getattr(plugin, "pause" if paused else "resume", None)
+            if method is None:
+                continue
+            try:
+                method()
+            except Exception:
+                logger.exception("plugin failed to %s: plugin=%s",
+                                 "pause" if paused else "resume", plugin.name)
+        topic = Topic.WATCH_PAUSED if paused else Topic.WATCH_RESUMED
+        self.store.call(lambda tx: tx.emit(topic, {"plugins": [p.name for p in self.plugins]}))
+        logger.info("watchers %s", "paused" if paused else "resumed")
 
     def wake_dispatcher(self) -> None:
         if self.dispatcher is not None:

@@ -78,27 +78,44 @@ class FolderWatchPlugin:
 
     def start(self, context: PluginContext) -> None:
         self._ctx = context
-        cfg = context.config.watch
-        observer = Observer()
-        for folder in context.config.watch_folders():
-            folder.mkdir(parents=True, exist_ok=True)
-            observer.schedule(_Handler(self), str(folder), recursive=cfg.recursive)
-            context.logger.info("watching folder=%s recursive=%s", folder, cfg.recursive)
-        observer.start()
-        self._observer = observer
         self._thread = threading.Thread(target=self._settle_loop, name="folder-watch",
                                         daemon=True)
         self._thread.start()
-        for folder in context.config.watch_folders():
+        self._watch()
+
+    def _watch(self) -> None:
+        """Start the observer, then scan each folder for what changed while unobserved."""
+        cfg = self.ctx.config.watch
+        observer = Observer()
+        for folder in self.ctx.config.watch_folders():
+            folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Handler(self), str(folder), recursive=cfg.recursive)
+            self.ctx.logger.info("watching folder=%s recursive=%s", folder, cfg.recursive)
+        observer.start()
+        self._observer = observer
+        for folder in self.ctx.config.watch_folders():
             self.reconcile(folder)
+
+    def _unwatch(self, timeout: float) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None
+
+    def pause(self) -> None:
+        """Stop observing; pending files are dropped and found again by the resume scan."""
+        self._unwatch(5.0)
+        with self._pending.lock:
+            self._pending.items.clear()
+
+    def resume(self) -> None:
+        self._watch()
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
         with self._pending.lock:
             self._pending.lock.notify()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
+        self._unwatch(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
