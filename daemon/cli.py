@@ -141,6 +141,66 @@ def _print_job_summary(client: Any, job_id: int) -> int:
     return EXIT_OK
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Send a prompt to the resident model and print the reply as it is generated."""
+    from famulus.ipc.client import DaemonUnavailable, Subscriber
+
+    try:
+        with Subscriber(["job.token", "job.done", "job.failed", "job.cancelled"]) as sub, \
+                _client(args) as client:
+            last = client.call("status")["last_seq"]
+            job_id = client.call("ask", {"prompt": args.prompt, "stream": True})["job"]
+            for event in sub.follow(since=last, client=client, idle_timeout_s=args.wait_timeout):
+                if event.body.get("job") != job_id:
+                    continue
+                if event.topic == "job.token":
+                    print(event.body["text"], end="", flush=True)
+                elif event.topic == "job.done":
+                    print()
+                    return EXIT_OK
+                else:
+                    print(f"\n{event.topic}: {event.body.get('error') or event.body.get('reason')}",
+                          file=sys.stderr)
+                    return EXIT_ERROR
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print(f"\nno reply within {args.wait_timeout:.0f} s", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Send one simple request (jobs, cancel, search, pause, resume) and print the result."""
+    from famulus.ipc.client import BusError, DaemonUnavailable
+
+    params: dict[str, Any] = {}
+    if args.command == "cancel":
+        params = {"id": args.job}
+    elif args.command == "search":
+        params = {"query": " ".join(args.query)}
+    elif args.command == "jobs" and args.state:
+        params = {"state": args.state}
+    try:
+        with _client(args) as client:
+            result = client.call(args.command, params)
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except BusError as exc:
+        print(f"{args.command} failed: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.command == "search":
+        for hit in result["results"]:
+            print(f"{hit['path'] or '(text)'}: {hit['snippet']}")
+    elif args.command == "jobs":
+        for job in result["jobs"]:
+            print(f"{job['id']:>6} {job['state']:<9} {job['kind']:<20} {job['lane']:<11} "
+                  f"{job['error'] or ''}")
+    else:
+        print(json.dumps(result))
+    return EXIT_OK
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from famulus.ipc.client import DaemonUnavailable, Subscriber
 
@@ -223,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", type=float, default=600.0,
                    help="seconds to wait for the summary without any event (default 600)")
     p.set_defaults(fn=cmd_summarize)
+
+    p = sub.add_parser("ask", help="send a prompt to the resident model; the reply streams")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--wait-timeout", type=float, default=600.0,
+                   help="seconds to wait without any event (default 600)")
+    p.set_defaults(fn=cmd_ask)
+    p = sub.add_parser("jobs", help="list recent jobs")
+    p.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"],
+                   help="only jobs in this state")
+    p.set_defaults(fn=cmd_request)
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job", type=int, help="job id (see `famulus jobs`)")
+    p.set_defaults(fn=cmd_request)
+    p = sub.add_parser("search", help="full-text search over summaries")
+    p.add_argument("query", nargs="+", help="words that must all occur")
+    p.set_defaults(fn=cmd_request)
+    sub.add_parser("pause", help="pause the folder watcher").set_defaults(fn=cmd_request)
+    sub.add_parser("resume", help="resume the folder watcher; a scan catches up"
+                   ).set_defaults(fn=cmd_request)
 
     p = sub.add_parser("subscribe", help="print events as they are published")
     p.add_argument("topics", nargs="*", help="exact topics to show (default: all)")

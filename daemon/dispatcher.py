@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,8 @@ class Dispatcher:
                 self._summarize_document(job)
             elif job.kind == JobKind.SUMMARIZE_TEXT:
                 self._summarize_text(job)
+            elif job.kind == JobKind.ASK:
+                self._ask(job)
             else:
                 raise PermanentFailure("unknown_kind", f"unknown job kind {job.kind!r}")
         except PermanentFailure as exc:
@@ -275,6 +279,35 @@ class Dispatcher:
                                      **outcome.grounding_fields()})
         self._finish(job, store)
 
+    def _ask(self, job: Job) -> None:
+        assert self.model is not None
+        prompt = str(job.payload.get("prompt", "")).strip()
+        if not prompt:
+            raise PermanentFailure("no_text", "the prompt is empty")
+        cfg = self.config.model
+        if self._cancel_job == job.id:
+            raise GenerationStopped("generation cancelled by request")
+        stream = self._token_stream(job)
+        reply = self.model.generate(
+            [{"role": "user", "content": prompt}],
+            max_new_tokens=int(job.payload.get("max_new_tokens") or cfg.max_new_tokens),
+            repetition_penalty=cfg.repetition_penalty, timeout_s=cfg.generation_timeout_s,
+            on_token=stream.add if stream else None)
+        if stream:
+            stream.flush()
+        text = str(reply["text"]).strip()
+        if not text:
+            raise EmptySummary("the model returned an empty reply")
+        result = {"text": text, "tokens": reply["tokens"], "generation_s": reply["generation_s"],
+                  "model": self.model_name, "device": self._device()}
+        self._finish(job, lambda tx: journal.finish(tx, job, result))
+
+    def _token_stream(self, job: Job) -> TokenStream | None:
+        if not job.payload.get("stream"):
+            return None
+        return TokenStream(lambda body: self._emit(Topic.JOB_TOKEN, {"job": job.id, **body},
+                                                   job.cause))
+
     def _write_summary(self, job: Job, source: str) -> Outcome:
         """Summarize `source`, then check the summary against it and apply the policy."""
         result = self._summarizer(job).summarize(source)
@@ -311,13 +344,16 @@ class Dispatcher:
                         repetition_penalty=cfg.repetition_penalty,
                         timeout_s=cfg.generation_timeout_s)
 
+        stream = self._token_stream(job)
+
         def progress(done: int, total: int) -> None:
             # A cancel that arrives between two generations takes effect before the next.
             if self._cancel_job == job.id:
                 raise GenerationStopped("generation cancelled by request")
             self._emit(Topic.JOB_PROGRESS, {"job": job.id, "step": done, "steps": total},
                        job.cause)
-        return Summarizer(self.model, budget, progress, prompts)
+        return Summarizer(self.model, budget, progress, prompts,
+                          on_token=stream.add if stream else None)
 
     def _prompt_budget(self) -> int:
         cfg = self.config.model
@@ -360,6 +396,35 @@ class Dispatcher:
     def _vanished(self, tx: Tx, job: Job, path: str) -> None:
         documents.mark_removed(tx, path, job.cause)
         journal.finish(tx, job, {"removed": True})
+
+
+class TokenStream:
+    """Batches streamed text pieces into `job.token` events, about ten per second at most.
+
+    Every event is a committed write to the event log, so one event per word would cost one
+    disk sync per word.
+    """
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
+        self._emit = emit
+        self._pieces: list[str] = []
+        self._last = time.monotonic()
+        self._index = 0
+
+    def add(self, piece: str) -> None:
+        self._pieces.append(piece)
+        if time.monotonic() - self._last >= self.INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pieces:
+            return
+        self._emit({"index": self._index, "text": "".join(self._pieces)})
+        self._pieces.clear()
+        self._index += 1
+        self._last = time.monotonic()
 
 
 def _file_info(path: Path) -> FileInfo | None:

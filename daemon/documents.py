@@ -55,7 +55,8 @@ def is_settled(row: sqlite3.Row | None, info: FileInfo) -> bool:
 
 
 def submit_file(tx: Tx, info: FileInfo, *, lane: Lane = Lane.DOCUMENTS,
-                cause: str | None = None, force: bool = False) -> int | None:
+                cause: str | None = None, force: bool = False,
+                payload: dict[str, Any] | None = None) -> int | None:
     """Record a new or changed file and queue its job; return the job id.
 
     Returns None when nothing needs doing: the file is unchanged since its last outcome, or
@@ -81,7 +82,7 @@ def submit_file(tx: Tx, info: FileInfo, *, lane: Lane = Lane.DOCUMENTS,
                                               "size": info.size, "known": row is not None},
                     cause)
     return journal.enqueue(tx, JobKind.SUMMARIZE_DOCUMENT, lane, document_id=doc_id,
-                           cause=event.id)
+                           payload=payload, cause=event.id)
 
 
 def mark_removed(tx: Tx, path: str, cause: str | None = None) -> bool:

@@ -30,6 +30,14 @@ def _int_param(request: Request, name: str, default: int | None = None) -> int:
     return value
 
 
+def _bool_param(request: Request, name: str, default: bool) -> bool:
+    value = request.params.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(ErrorCode.INVALID_PARAMS,
+                           f"`{name}` must be true or false, got {value!r}")
+    return value
+
+
 def make_handlers(daemon: Daemon) -> dict[str, Handler]:
     store = daemon.store
 
@@ -58,14 +66,15 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         When the file already has a queued job, that job's id is returned.
         """
         path, text = request.params.get("path"), request.params.get("text")
+        stream = _bool_param(request, "stream", False)
         if (path is None) == (text is None):
             raise RequestError(ErrorCode.INVALID_PARAMS, "give exactly one of `path` and `text`")
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise RequestError(ErrorCode.INVALID_PARAMS, "`text` must be non-empty text")
             job_id = store.call(lambda tx: journal.enqueue(
-                tx, JobKind.SUMMARIZE_TEXT, Lane.INTERACTIVE, payload={"text": text},
-                cause=request.id))
+                tx, JobKind.SUMMARIZE_TEXT, Lane.INTERACTIVE,
+                payload={"text": text, "stream": stream}, cause=request.id))
             daemon.wake_dispatcher()
             return {"job": job_id}
         if not isinstance(path, str) or not os.path.isabs(path):
@@ -76,15 +85,36 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         except OSError as exc:
             raise RequestError(ErrorCode.NOT_FOUND,
                                f"cannot read {path}: {exc.strerror}") from None
-        force = request.params.get("force", True)
-        if not isinstance(force, bool):
-            raise RequestError(ErrorCode.INVALID_PARAMS, f"`force` must be true or false, "
-                               f"got {force!r}")
+        force = _bool_param(request, "force", True)
         job_id = store.call(lambda tx: documents.submit_file(
-            tx, info, lane=Lane.INTERACTIVE, cause=request.id, force=force))
+            tx, info, lane=Lane.INTERACTIVE, cause=request.id, force=force,
+            payload={"stream": stream}))
         daemon.wake_dispatcher()
         row = documents.get_by_path(store.read(), info.path)
         return {"job": job_id, "document": row["id"] if row else None}
+
+    def ask(request: Request) -> dict[str, Any]:
+        """Queue a free prompt to the resident model in the interactive lane.
+
+        Params: {"prompt": str, "stream": bool (default false), "max_new_tokens": int
+        (default model.max_new_tokens)}. Result: {"job": id}. The reply text is in the
+        `job.done` result; with `stream`, `job.token` events carry it while it is generated.
+        """
+        prompt = request.params.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(ErrorCode.INVALID_PARAMS, "`prompt` must be non-empty text")
+        stream = _bool_param(request, "stream", False)
+        limit = request.params.get("max_new_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or not 1 <= limit <= 4096):
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"`max_new_tokens` must be 1 to 4096, "
+                               f"got {limit!r}")
+        job_id = store.call(lambda tx: journal.enqueue(
+            tx, JobKind.ASK, Lane.INTERACTIVE,
+            payload={"prompt": prompt, "stream": stream, "max_new_tokens": limit},
+            cause=request.id))
+        daemon.wake_dispatcher()
+        return {"job": job_id}
 
     def job(request: Request) -> dict[str, Any]:
         """Return one job by `id`, with its state, attempts, error and result."""
@@ -210,7 +240,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         return {"stopping": True}
 
     return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
-            Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
+            Method.ASK: ask, Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
             Method.PAUSE: pause, Method.RESUME: resume, Method.EVENTS: events,
             Method.SHUTDOWN: shutdown}
 

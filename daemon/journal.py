@@ -36,6 +36,7 @@ class JobState(enum.StrEnum):
 class JobKind(enum.StrEnum):
     SUMMARIZE_DOCUMENT = "summarize.document"
     SUMMARIZE_TEXT = "summarize.text"
+    ASK = "ask"
 
 
 @dataclass(frozen=True)

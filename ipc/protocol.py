@@ -42,6 +42,7 @@ class Topic:
     JOB_QUEUED = "job.queued"
     JOB_STARTED = "job.started"
     JOB_PROGRESS = "job.progress"
+    JOB_TOKEN = "job.token"
     JOB_DONE = "job.done"
     JOB_FAILED = "job.failed"
     JOB_CANCELLED = "job.cancelled"
@@ -57,6 +58,7 @@ class Method:
 
     STATUS = "status"
     SUMMARIZE = "summarize"
+    ASK = "ask"
     JOB = "job"
     JOBS = "jobs"
     CANCEL = "cancel"

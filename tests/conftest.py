@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time, so a failure there is reproducible and not a
+# matter of luck; local runs keep exploring new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 from famulus.daemon.demo import isolated_env
 from famulus.daemon.model.registry import ModelNotFound, pull, resolve

@@ -336,3 +336,13 @@ def test_large_source_runs() -> None:
     source = (MILL_SOURCE + " " + INVOICE_SOURCE + "\n") * 400
     report = check(MILL_SUMMARY * 20, source[:100_000])
     assert texts(report.unsupported) == {"1887", "Lincoln School"}
+
+
+def test_footnote_mark_after_date_day() -> None:
+    # Found by hypothesis: the day of "March 2¹" is claimed as a bare number.
+    assert check("March 2¹", "March 2¹").grounded
+
+
+def test_footnote_mark_before_number() -> None:
+    # Found by hypothesis: a superscript before "1,000" cut the claim to "000".
+    assert check("¹1,000", "¹1,000").grounded

@@ -95,3 +95,33 @@ def test_pause_defers_until_resume(daemon_home: DaemonHome) -> None:
     assert paused.seq < resumed.seq < detected.seq
     daemon_home.log.wait(lambda e: e.topic == Topic.DOCUMENT_SUMMARIZED
                          and e.body["path"] == str(target), 120, "the summary")
+
+
+def test_ask_streams_tokens(daemon_home: DaemonHome) -> None:
+    daemon_home.start()
+    with daemon_home.client() as client:
+        job = client.call("ask", {"prompt": "Name three rivers in Europe.", "stream": True,
+                                  "max_new_tokens": 60})["job"]
+        done = daemon_home.log.wait(lambda e: e.topic == Topic.JOB_DONE and e.body["job"] == job,
+                                    120, "the answer")
+        with pytest.raises(BusError, match="`prompt` must be non-empty text"):
+            client.call("ask", {"prompt": ""})
+        with pytest.raises(BusError, match="`stream` must be true or false"):
+            client.call("ask", {"prompt": "hi", "stream": "yes"})
+    tokens = daemon_home.log.matching(Topic.JOB_TOKEN, job=job)
+    assert tokens
+    assert [t.body["index"] for t in tokens] == list(range(len(tokens)))
+    assert all(t.seq < done.seq for t in tokens)
+    assert "".join(t.body["text"] for t in tokens).strip() == done.body["result"]["text"]
+
+
+def test_summarize_without_stream_sends_no_tokens(daemon_home: DaemonHome) -> None:
+    daemon_home.start()
+    with daemon_home.client() as client:
+        quiet = client.call("summarize", {"text": "The ferry leaves at nine."})["job"]
+        loud = client.call("summarize", {"text": "The ferry leaves at ten.", "stream": True})["job"]
+    for job in (quiet, loud):
+        daemon_home.log.wait(lambda e, j=job: e.topic == Topic.JOB_DONE and e.body["job"] == j,
+                             120, f"job {job}")
+    assert daemon_home.log.matching(Topic.JOB_TOKEN, job=quiet) == []
+    assert daemon_home.log.matching(Topic.JOB_TOKEN, job=loud)

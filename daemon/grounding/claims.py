@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from famulus.daemon.grounding.normalize import (
     CURRENCY_CODES,
+    NUMBER_FORM,
     Reading,
     blank_spans,
     find_dates,
@@ -163,9 +164,12 @@ def extract_claims(summary: str) -> list[Claim]:
 
 
 def _sentence_claims(sentence: str, offset: int, index: int) -> list[Claim]:
-    dates = find_dates(sentence)
+    # Superscripts and other number forms (footnote marks) are blanked, one space each so
+    # that offsets stay valid: "¹1,000" claims 1,000, as the source side reads it.
+    plain = NUMBER_FORM.sub(" ", sentence)
+    dates = find_dates(plain)
     date_spans = [(date.start, date.end) for date in dates]
-    quantities = find_quantities(blank_spans(sentence, date_spans))
+    quantities = find_quantities(blank_spans(plain, date_spans))
     claims = [Claim("date", sentence[s:e], index, offset + s, offset + e) for s, e in date_spans]
     for quantity in quantities:
         if quantity.spelled and not (quantity.scaled or quantity.percent):
@@ -316,6 +320,9 @@ class SourceIndex:
         self._amounts: set[Decimal] = set()
         self._percents: set[Decimal] = set()
         self._readings: set[Reading] = set()
+        # Days and years of the source's dates: a summary can quote one as a bare number when
+        # it does not read as a date there ("March 2¹" with a footnote mark).
+        self._date_parts: set[Decimal] = set()
         joined = numeric_view(source)
         # A number or date wrapped across lines ("March\n3, 2024") is read both whole and as
         # the separate pieces that a summary sentence, which never spans lines, would quote.
@@ -332,6 +339,7 @@ class SourceIndex:
                 # Store every coarser reading too, so a lookup at any precision is one set test.
                 self._readings.update({(year, month, day), (year, month, None), (None, month, day)})
                 self._readings.add((year, None, None))
+                self._date_parts.update(Decimal(part) for part in (year, day) if part is not None)
 
     def supports(self, claim: Claim) -> bool:
         """Return whether the source contains evidence for the claim."""
@@ -358,7 +366,9 @@ class SourceIndex:
         if quantity.percent:
             return not self._percents.isdisjoint(quantity.values)
         return not (
-            self._amounts.isdisjoint(quantity.values) and self._percents.isdisjoint(quantity.values)
+            self._amounts.isdisjoint(quantity.values)
+            and self._percents.isdisjoint(quantity.values)
+            and self._date_parts.isdisjoint(quantity.values)
         )
 
     def _has_date(self, text: str) -> bool:

@@ -43,7 +43,7 @@ _NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
 _GROUP_SPACES = "\u00a0\u202f\u2009"
 _GROUP_SPACE = re.compile(f"[{_GROUP_SPACES}]")
 # Superscripts and subscripts, number forms, and enclosed (circled) numbers.
-_NUMBER_FORM = re.compile(
+NUMBER_FORM = re.compile(
     "[\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\u2460-\u24ff"
     "\u2776-\u2793\u3220-\u325f\u3280-\u32bf]"
 )
@@ -96,7 +96,7 @@ def numeric_view(text: str) -> str:
     Superscripts, fractions and circled numbers become separate numbers, so a footnote mark
     does not extend the number before it ("1998¹" is 1998 and 1, not 19981).
     """
-    text = _NUMBER_FORM.sub(lambda match: f" {match.group()} ", text)
+    text = NUMBER_FORM.sub(lambda match: f" {match.group()} ", text)
     pieces = _GROUP_SPACE.split(text)
     return "\u00a0".join(unicodedata.normalize("NFKC", piece) for piece in pieces)
 

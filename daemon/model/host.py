@@ -116,6 +116,7 @@ class Host:
     def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         import openvino_genai
 
+        stream_id = request.get("id") if request.get("stream") else None
         prompt = self.template(request["messages"])
         config = openvino_genai.GenerationConfig()
         config.max_new_tokens = int(request["max_new_tokens"])
@@ -126,7 +127,9 @@ class Host:
         state = {"stopped": ""}
         self._cancel.clear()
 
-        def streamer(_piece: str) -> Any:
+        def streamer(piece: str) -> Any:
+            if stream_id is not None:
+                self.reply({"id": stream_id, "stream": piece})
             if self._cancel.is_set():
                 state["stopped"] = "cancelled"
                 return openvino_genai.StreamingStatus.CANCEL

@@ -53,7 +53,8 @@ class Model(Protocol):
     def count_tokens(self, prompts: list[list[dict[str, str]]]) -> list[int]: ...
 
     def generate(self, messages: list[dict[str, str]], *, max_new_tokens: int,
-                 repetition_penalty: float, timeout_s: float) -> dict[str, Any]: ...
+                 repetition_penalty: float, timeout_s: float,
+                 on_token: Callable[[str], None] | None = None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,10 @@ class Summarizer:
 
     def __init__(self, model: Model, budget: Budget,
                  progress: Callable[[int, int], None] | None = None,
-                 prompts: Prompts = DEFAULT_PROMPTS) -> None:
+                 prompts: Prompts = DEFAULT_PROMPTS,
+                 on_token: Callable[[str], None] | None = None) -> None:
         self.model = model
+        self.on_token = on_token
         self.budget = budget
         self.progress = progress or (lambda done, total: None)
         self.prompts = prompts
@@ -126,7 +129,8 @@ class Summarizer:
         messages = messages_for(template, text, self.prompts.system)
         reply = self.model.generate(messages, max_new_tokens=self.budget.max_new_tokens,
                                     repetition_penalty=self.budget.repetition_penalty,
-                                    timeout_s=self.budget.timeout_s)
+                                    timeout_s=self.budget.timeout_s,
+                                    on_token=self.on_token)
         out = str(reply["text"]).strip()
         result.steps.append(str(reply.get("finish", "")))
         result.generated_tokens += int(reply.get("tokens", 0))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class ModelHost:
         self._io_lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
         self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._streams: dict[int, Callable[[str], None]] = {}
         self._next_id = 0
         self._consecutive_crashes = 0
         self._stopping = False
@@ -127,10 +129,15 @@ class ModelHost:
         for line in stream:
             try:
                 reply = json.loads(line)
-                future = self._pending.pop(int(reply["id"]), None)
+                rid = int(reply["id"])
             except (ValueError, KeyError, TypeError):
                 logger.warning("model host sent a malformed reply line; ignored")
                 continue
+            if "stream" in reply:
+                self._stream_piece(rid, str(reply["stream"]))
+                continue
+            future = self._pending.pop(rid, None)
+            self._streams.pop(rid, None)
             if future is not None:
                 future.set_result(reply)
         code = proc.wait()
@@ -144,6 +151,16 @@ class ModelHost:
         for future in pending.values():
             future.set_exception(HostCrashed(f"model host exited with code {code}"))
 
+    def _stream_piece(self, rid: int, piece: str) -> None:
+        callback = self._streams.get(rid)
+        if callback is None:
+            return
+        try:
+            callback(piece)
+        except Exception:
+            # A failing consumer must not stop the reader thread that serves every request.
+            logger.exception("stream consumer failed: request=%d", rid)
+
     def _record_crash(self, code: int) -> None:
         self._consecutive_crashes += 1
         self.state.restarts += 1
@@ -156,13 +173,15 @@ class ModelHost:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _send(self, proc: subprocess.Popen[str], message: dict[str, Any],
-              timeout: float) -> dict[str, Any]:
+    def _send(self, proc: subprocess.Popen[str], message: dict[str, Any], timeout: float,
+              on_stream: Callable[[str], None] | None = None) -> dict[str, Any]:
         future: Future[dict[str, Any]] = Future()
         with self._io_lock:
             self._next_id += 1
             rid = self._next_id
             self._pending[rid] = future
+            if on_stream is not None:
+                self._streams[rid] = on_stream
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(json.dumps({"id": rid, **message}) + "\n")
@@ -174,6 +193,7 @@ class ModelHost:
             reply = future.result(timeout=timeout)
         except FutureTimeout:
             self._pending.pop(rid, None)
+            self._streams.pop(rid, None)
             logger.error("model host did not reply in %.0f s to op=%s; killing it",
                          timeout, message.get("op"))
             proc.kill()
@@ -187,10 +207,11 @@ class ModelHost:
             raise LoadFailed(error)
         raise ModelError(error)
 
-    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def request(self, message: dict[str, Any], timeout: float,
+                on_stream: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Send one request, starting (and loading) the host first when needed."""
         proc = self._ensure_started()
-        return self._send(proc, message, timeout)
+        return self._send(proc, message, timeout, on_stream)
 
     def ensure_loaded(self) -> ModelState:
         self._ensure_started()
@@ -200,13 +221,16 @@ class ModelHost:
         return [int(n) for n in self.request({"op": "count", "prompts": prompts}, 60.0)["counts"]]
 
     def generate(self, messages: list[dict[str, str]], *, max_new_tokens: int,
-                 repetition_penalty: float, timeout_s: float) -> dict[str, Any]:
+                 repetition_penalty: float, timeout_s: float,
+                 on_token: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Generate a reply; `on_token` receives the text pieces as they are produced."""
         # The host enforces timeout_s itself; the extra margin covers a host that hangs in
         # native code and must be killed instead.
         return self.request({"op": "generate", "messages": messages,
                              "max_new_tokens": max_new_tokens,
                              "repetition_penalty": repetition_penalty,
-                             "timeout_s": timeout_s}, timeout_s + 30.0)
+                             "timeout_s": timeout_s, "stream": on_token is not None},
+                            timeout_s + 30.0, on_token)
 
     def cancel(self) -> None:
         """Stop the running generation, if any; the generate call raises GenerationStopped."""
