@@ -12,6 +12,7 @@ from typing import Any
 
 from famulus.daemon.config import ConfigError, config_path, describe, load_config
 from famulus.daemon.paths import RuntimeDirError, user_paths
+from famulus.ipc.security import SecurityError
 
 logger = logging.getLogger("famulus")
 
@@ -236,6 +237,28 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create CURVE keys or authorize a client key for the TCP endpoints."""
+    from famulus.ipc import security
+
+    store = security.KeyStore.default()
+    if args.keys_command == "server":
+        files = security.create_server_keys(store.folder, force=args.force)
+        print(f"server keys written; give {files.public} to each client machine")
+    elif args.keys_command == "client":
+        files = security.create_client_keys(store.folder, args.name, force=args.force)
+        print(f"client keys written; authorize {files.public} on the server with "
+              f"`famulus keys authorize {files.public.name} --name {args.name}`")
+    elif args.keys_command == "authorize":
+        path = security.authorize_client(store.folder, Path(args.file), name=args.name,
+                                         force=args.force)
+        print(f"authorized {path}; restart the daemon to apply it")
+    else:
+        for name in sorted(store.authorized_clients()):
+            print(name)
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from famulus.daemon.model.registry import ModelNotFound, resolve
 
@@ -318,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="register this local file instead of downloading it")
     p.set_defaults(fn=cmd_model_pull)
 
+    keys = sub.add_parser("keys", help="CURVE keys for the TCP endpoints").add_subparsers(
+        dest="keys_command", required=True)
+    p = keys.add_parser("server", help="create this daemon's key pair")
+    p.add_argument("--force", action="store_true", help="replace existing keys (kept aside)")
+    p.set_defaults(fn=cmd_keys)
+    p = keys.add_parser("client", help="create this machine's client key pair")
+    p.add_argument("--name", required=True, help="name the server will know this client by")
+    p.add_argument("--force", action="store_true", help="replace existing keys (kept aside)")
+    p.set_defaults(fn=cmd_keys)
+    p = keys.add_parser("authorize", help="accept a client's public key file")
+    p.add_argument("file", help="the client's client.key file")
+    p.add_argument("--name", required=True, help="name for this client")
+    p.add_argument("--force", action="store_true", help="replace a key of the same name")
+    p.set_defaults(fn=cmd_keys)
+    keys.add_parser("list", help="list authorized clients").set_defaults(fn=cmd_keys)
+
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True)
     config.add_parser("check", help="validate the config and print the effective values"
@@ -341,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeDirError as exc:
+    except (RuntimeDirError, SecurityError) as exc:
         print(f"famulus cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:

@@ -111,6 +111,14 @@ class BusSection:
     max_message_bytes: int = _setting(
         1024 * 1024, "Requests larger than this get a `too_large` error reply; frames over "
         "four times this size close the client's connection instead.", min=1024)
+    tcp_requests: str = _setting(
+        "", "Extra TCP endpoint for requests, such as tcp://127.0.0.1:5555; empty: off. Set "
+        "together with tcp_events. A bind beyond loopback needs curve = true.")
+    tcp_events: str = _setting(
+        "", "Extra TCP endpoint for events, such as tcp://127.0.0.1:5556; empty: off.")
+    curve: bool = _setting(
+        False, "Encrypt the TCP endpoints with CURVE and accept only the client keys that "
+        "`famulus keys authorize` added.")
     events_page_size: int = _setting(
         500, "Most events returned by one `events` request.", min=1)
 

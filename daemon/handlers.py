@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 def _int_param(request: Request, name: str, default: int | None = None) -> int:
     value = request.params.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
+    # SQLite integers are 64-bit signed; larger values would fail inside the query.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise RequestError(ErrorCode.INVALID_PARAMS,
-                           f"`{name}` must be a whole number, got {value!r}")
+                           f"`{name}` must be a whole number from 0 to 2**63-1, got {value!r}")
     return value
 
 
@@ -77,7 +78,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 payload={"text": text, "stream": stream}, cause=request.id))
             daemon.wake_dispatcher()
             return {"job": job_id}
-        if not isinstance(path, str) or not os.path.isabs(path):
+        if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise RequestError(ErrorCode.INVALID_PARAMS,
                                f"`path` must be an absolute path, got {path!r}")
         try:
@@ -85,6 +86,9 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         except OSError as exc:
             raise RequestError(ErrorCode.NOT_FOUND,
                                f"cannot read {path}: {exc.strerror}") from None
+        if not os.path.isfile(path):
+            raise RequestError(ErrorCode.INVALID_PARAMS,
+                               f"`path` must name a regular file, and {path} is not one")
         force = _bool_param(request, "force", True)
         job_id = store.call(lambda tx: documents.submit_file(
             tx, info, lane=Lane.INTERACTIVE, cause=request.id, force=force,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from famulus.daemon import documents
-from famulus.daemon.config import Config, describe
+from famulus.daemon.config import Config, ConfigError, describe
 from famulus.daemon.dispatcher import Dispatcher
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.handlers import make_handlers
@@ -29,7 +29,8 @@ from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
 from famulus.daemon.store import Store
 from famulus.ipc.protocol import Topic
-from famulus.ipc.server import BusServer
+from famulus.ipc.security import KeyStore
+from famulus.ipc.server import BusServer, TcpEndpoints
 from famulus.plugins.api import ENTRY_POINT_GROUP, Plugin
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ class Daemon:
             logger.warning("queued %d job(s) again that a crash left running", recovered)
         self.bus = BusServer(self.paths.events_endpoint, self.paths.requests_endpoint,
                              make_handlers(self),
-                             max_message_bytes=self.config.bus.max_message_bytes)
+                             max_message_bytes=self.config.bus.max_message_bytes,
+                             tcp=self._tcp_endpoints())
         self.store.on_commit = self.bus.publish
         self.bus.start()
         logger.info("bus ready: events=%s requests=%s", self.paths.events_endpoint,
@@ -221,6 +223,16 @@ class Daemon:
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
         for plugin in load_plugins():
             self._start_plugin(plugin)
+
+    def _tcp_endpoints(self) -> TcpEndpoints | None:
+        cfg = self.config.bus
+        if not cfg.tcp_requests and not cfg.tcp_events:
+            return None
+        if not (cfg.tcp_requests and cfg.tcp_events):
+            raise ConfigError("bus.tcp_requests and bus.tcp_events must be set together "
+                              "(two ports), or both left empty")
+        keys = KeyStore.default().folder if cfg.curve else None
+        return TcpEndpoints(events=cfg.tcp_events, requests=cfg.tcp_requests, keys_folder=keys)
 
     def _start_model(self) -> None:
         cfg = self.config.model

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -28,6 +29,7 @@ from famulus.ipc.protocol import (
     decode_event,
     encode_request,
 )
+from famulus.ipc.security import apply_client_curve
 
 LINGER_MS = 100
 
@@ -64,9 +66,11 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, curve_keys: Path | None = None
+                 ) -> None:
         self.endpoint = endpoint or user_paths().requests_endpoint
         self.timeout_s = timeout_s
+        self.curve_keys = curve_keys
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
 
@@ -81,6 +85,8 @@ class Client:
         if self._sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, LINGER_MS)
+            if self.curve_keys is not None:
+                apply_client_curve(sock, self.curve_keys)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -129,7 +135,8 @@ class Subscriber:
 
     def __init__(self, topics: list[str] | None = None, *, endpoint: str | None = None,
                  requests_endpoint: str | None = None,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, curve_keys: Path | None = None
+                 ) -> None:
         paths = user_paths() if endpoint is None or requests_endpoint is None else None
         self.endpoint = endpoint or (paths.events_endpoint if paths else "")
         self.requests_endpoint = requests_endpoint or (paths.requests_endpoint if paths else "")
@@ -138,6 +145,9 @@ class Subscriber:
         require_socket_file(self.endpoint)
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
+        self.curve_keys = curve_keys
+        if curve_keys is not None:
+            apply_client_curve(self._sock, curve_keys)
         for topic in self.topics or {""}:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
         self._sock.connect(self.endpoint)
@@ -183,7 +193,7 @@ class Subscriber:
         # and not just events of other topics. The exact filter still applies below.
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         own_client = client is None
-        client = client or Client(self.requests_endpoint)
+        client = client or Client(self.requests_endpoint, curve_keys=self.curve_keys)
         last = since
         try:
             for event in self._replay(client, last):

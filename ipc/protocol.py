@@ -106,7 +106,16 @@ def new_id() -> str:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Encode `obj` as compact UTF-8 JSON.
+
+    A lone surrogate (from a request's JSON or a file name that is not valid UTF-8) cannot be
+    encoded as UTF-8; such a message falls back to ASCII JSON with \\u escapes.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ def decode_request(payload: bytes, max_bytes: int) -> Request:
         data = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"request is not UTF-8 JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "request JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "request must be a JSON object")
     rid = data.get("id")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from famulus.ipc.protocol import (
     decode_request,
     encode_reply,
 )
+from famulus.ipc.security import CurveServer, check_tcp_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +46,28 @@ def socket_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
+@dataclass(frozen=True)
+class TcpEndpoints:
+    """The optional TCP pair: separate sockets, so that CURVE never applies to ipc://."""
+
+    events: str
+    requests: str
+    keys_folder: Path | None  # CURVE keys; None serves TCP without encryption (loopback only)
+
+
 class BusServer:
     """Publishes events and answers requests until `stop` is called."""
 
     def __init__(self, events_endpoint: str, requests_endpoint: str,
-                 handlers: dict[str, Handler], *, max_message_bytes: int) -> None:
+                 handlers: dict[str, Handler], *, max_message_bytes: int,
+                 tcp: TcpEndpoints | None = None) -> None:
         self.events_endpoint = events_endpoint
         self.requests_endpoint = requests_endpoint
         self.handlers = handlers
         self.max_message_bytes = max_message_bytes
+        self.tcp = tcp
         self.ctx = zmq.Context()
+        self._curve: CurveServer | None = None
         self._local = threading.local()
         self._push_sockets: list[zmq.Socket[Any]] = []
         self._push_lock = threading.Lock()
@@ -64,10 +78,17 @@ class BusServer:
 
     def start(self) -> None:
         """Bind the sockets on the server thread and return once they are bound."""
+        if self.tcp is not None:
+            for endpoint in (self.tcp.events, self.tcp.requests):
+                check_tcp_endpoint(endpoint, curve_enabled=self.tcp.keys_folder is not None)
+            if self.tcp.keys_folder is not None:
+                self._curve = CurveServer(self.ctx, self.tcp.keys_folder)
         self._thread = threading.Thread(target=self._run, name="bus", daemon=True)
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
+            if self._curve is not None:
+                self._curve.stop()
             raise self._error
 
     def publish(self, events: list[Event]) -> None:
@@ -95,13 +116,17 @@ class BusServer:
         with self._push_lock:
             for sock in self._push_sockets:
                 sock.close()
+        # The authenticator's sockets live in this context: term() would wait for them.
+        if self._curve is not None:
+            self._curve.stop()
         self.ctx.term()
         for endpoint in (self.events_endpoint, self.requests_endpoint):
             path = socket_path(endpoint)
             if path is not None:
                 path.unlink(missing_ok=True)
 
-    def _bind(self) -> tuple[zmq.Socket[Any], ...]:
+    def _pair(self, events: str, requests: str, *, curve: bool = False
+              ) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
         pub = self.ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, 10_000)
         router = self.ctx.socket(zmq.ROUTER)
@@ -109,32 +134,44 @@ class BusServer:
         # large ones get a `too_large` error reply from decode_request.
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes * 4)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        pull = self.ctx.socket(zmq.PULL)
-        control = self.ctx.socket(zmq.PAIR)
-        sockets = (pub, router, pull, control)
-        for sock in sockets:
+        for sock in (pub, router):
             sock.setsockopt(zmq.LINGER, LINGER_MS)
-        for endpoint in (self.events_endpoint, self.requests_endpoint):
+            if curve and self._curve is not None:
+                self._curve.apply(sock)
+        for endpoint in (events, requests):
             # The caller holds the instance lock, so a socket file left here is stale.
             path = socket_path(endpoint)
             if path is not None:
                 path.unlink(missing_ok=True)
-        pub.bind(self.events_endpoint)
-        router.bind(self.requests_endpoint)
+        pub.bind(events)
+        router.bind(requests)
+        return pub, router
+
+    def _bind(self) -> tuple[list[zmq.Socket[Any]], list[zmq.Socket[Any]], zmq.Socket[Any],
+                             zmq.Socket[Any]]:
+        pull = self.ctx.socket(zmq.PULL)
+        control = self.ctx.socket(zmq.PAIR)
+        for sock in (pull, control):
+            sock.setsockopt(zmq.LINGER, LINGER_MS)
         pull.bind(EVENTS_INPROC)
         control.bind(CONTROL_INPROC)
-        return sockets
+        pairs = [self._pair(self.events_endpoint, self.requests_endpoint)]
+        if self.tcp is not None:
+            pairs.append(self._pair(self.tcp.events, self.tcp.requests, curve=True))
+            logger.info("bus also on TCP: events=%s requests=%s curve=%s", self.tcp.events,
+                        self.tcp.requests, self._curve is not None)
+        return [p for p, _ in pairs], [r for _, r in pairs], pull, control
 
     def _run(self) -> None:
         try:
-            pub, router, pull, control = self._bind()
+            pubs, routers, pull, control = self._bind()
         except BaseException as exc:
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
         poller = zmq.Poller()
-        for sock in (router, pull, control):
+        for sock in (*routers, pull, control):
             poller.register(sock, zmq.POLLIN)
         try:
             while True:
@@ -142,25 +179,37 @@ class BusServer:
                 if control in ready:
                     break
                 if pull in ready:
-                    self._forward_events(pull, pub)
-                if router in ready:
-                    self._serve_one(router)
+                    self._forward_events(pull, pubs)
+                for router in routers:
+                    if router in ready:
+                        self._serve_guarded(router)
             # Events committed just before the stop still go out.
-            self._forward_events(pull, pub)
+            self._forward_events(pull, pubs)
         except Exception:
             logger.exception("bus loop failed; the bus is down")
         finally:
-            for sock in (pub, router, pull, control):
+            for sock in (*pubs, *routers, pull, control):
                 sock.close()
 
-    def _forward_events(self, pull: zmq.Socket[Any], pub: zmq.Socket[Any]) -> None:
+    def _forward_events(self, pull: zmq.Socket[Any], pubs: list[zmq.Socket[Any]]) -> None:
         while True:
             try:
                 frames = pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            pub.send_multipart(frames)
+            for pub in pubs:
+                pub.send_multipart(frames)
             self.stats["events"] += 1
+
+    def _serve_guarded(self, router: zmq.Socket[Any]) -> None:
+        # One bad message must never take the bus down: the loop is the daemon's only
+        # publisher, and the store's writer waits on it.
+        try:
+            self._serve_one(router)
+        except zmq.ZMQError:
+            logger.exception("bus socket error while serving a request")
+        except Exception:
+            logger.exception("serving a request failed; the request was dropped")
 
     def _serve_one(self, router: zmq.Socket[Any]) -> None:
         try:

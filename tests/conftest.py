@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-# CI runs the same examples every time, so a failure there is reproducible and not a
-# matter of luck; local runs keep exploring new examples.
-settings.register_profile("ci", derandomize=True)
-if os.environ.get("CI") == "true":
-    settings.load_profile("ci")
-
 from famulus.daemon.demo import isolated_env
 from famulus.daemon.model.registry import ModelNotFound, pull, resolve
 from famulus.daemon.paths import user_paths
 from famulus.ipc.client import Client, DaemonUnavailable, Subscriber
 from famulus.ipc.protocol import Event
+
+# CI runs the same examples every time, so a failure there is reproducible and not a
+# matter of luck; local runs keep exploring new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 CORPUS = Path(__file__).parent / "corpus"
 
