@@ -119,6 +119,9 @@ class BusSection:
     curve: bool = _setting(
         False, "Encrypt the TCP endpoints with CURVE and accept only the client keys that "
         "`famulus keys authorize` added.")
+    event_retention_days: float = _setting(
+        30.0, "Events older than this are deleted from the event log, at start and once a "
+        "day; 0 keeps every event.", min=0.0)
     events_page_size: int = _setting(
         500, "Most events returned by one `events` request.", min=1)
 

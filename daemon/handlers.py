@@ -50,12 +50,13 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         "watch_folders", "bus": {...}}.
         """
         conn = store.read()
-        last = conn.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+        first, last = conn.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        last = last or 0
         return {"state": daemon.state.value, "pid": os.getpid(), "version": daemon.version,
                 "uptime_s": round(daemon.uptime_s(), 3), "model": daemon.model_status(),
                 "jobs": journal.counts(conn), "documents": documents.counts(conn),
                 "current_job": daemon.dispatcher.current_job if daemon.dispatcher else None,
-                "last_seq": last, "paused": daemon.paused,
+                "first_seq": first or 0, "last_seq": last, "paused": daemon.paused,
                 "watch_folders": [str(f) for f in daemon.config.watch_folders()],
                 "bus": dict(daemon.bus.stats) if daemon.bus else {}}
 

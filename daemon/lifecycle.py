@@ -154,6 +154,7 @@ class Daemon:
         self.plugins: list[Plugin] = []
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
+        self._purge_timer: threading.Timer | None = None
         self.paused = False
         self._started_at = time.monotonic()
 
@@ -206,6 +207,7 @@ class Daemon:
             logger.warning("watch.folders is empty: no folder is watched; only requests "
                            "over the bus are served")
         self.store = Store(self.paths.database)
+        self._purge_events()
         recovered = self.store.call(recover_interrupted)
         if recovered:
             logger.warning("queued %d job(s) again that a crash left running", recovered)
@@ -223,6 +225,25 @@ class Daemon:
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
         for plugin in load_plugins():
             self._start_plugin(plugin)
+
+    def _purge_events(self) -> None:
+        """Delete events past the retention period, then schedule the next purge a day later."""
+        days = self.config.bus.event_retention_days
+        if days <= 0 or self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
+            return
+        cutoff = time.time() - days * 86400
+        try:
+            deleted = self.store.call(lambda tx: tx.execute(
+                "DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount)
+        except Exception:
+            logger.exception("purging old events failed; retrying in a day")
+            deleted = 0
+        if deleted:
+            logger.info("event log: deleted %d event(s) older than %g days", deleted, days)
+        timer = threading.Timer(86400, self._purge_events)
+        timer.daemon = True
+        timer.start()
+        self._purge_timer = timer
 
     def _tcp_endpoints(self) -> TcpEndpoints | None:
         cfg = self.config.bus
@@ -285,6 +306,8 @@ class Daemon:
         if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             return
         self.state = DaemonState.STOPPING
+        if self._purge_timer is not None:
+            self._purge_timer.cancel()
         budget = self.config.daemon.shutdown_timeout_s
         started = time.monotonic()
         if self.store is not None:

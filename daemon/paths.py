@@ -75,7 +75,8 @@ def ensure_private_dir(path: Path) -> Path:
     """Create `path` with mode 0700, or check that an existing one is ours and private.
 
     The sockets inside rely on the folder's permissions for access control, so a folder
-    owned by someone else is rejected rather than used.
+    owned by someone else, or one that others can read or enter, is rejected rather than
+    used: its sockets may already have been reached by other users.
     """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
@@ -86,6 +87,8 @@ def ensure_private_dir(path: Path) -> Path:
             f"runtime directory {path} belongs to UID {info.st_uid}, not to you "
             f"(UID {os.getuid()}); remove it or set XDG_RUNTIME_DIR"
         )
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise RuntimeDirError(f"runtime directory {path} has mode {mode:o}, so other users "
+                              f"can reach it; run `chmod 700 {path}` or remove it")
     return path

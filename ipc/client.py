@@ -12,14 +12,16 @@ Installing famulus's core is enough to use this from another program::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from famulus.daemon.paths import user_paths
 from famulus.ipc.protocol import (
@@ -232,6 +234,168 @@ class Subscriber:
         while True:
             page = client.call(Method.EVENTS, {"since": since,
                                                "topics": sorted(self.topics) or None})
+            for data in page["events"]:
+                event = Event.from_envelope(data)
+                if until is not None and event.seq >= until:
+                    return
+                since = event.seq
+                yield event
+            since = max(since, int(page["last_seq"]))
+            if not page["more"]:
+                return
+
+
+class AsyncClient:
+    """Asyncio request client over a DEALER socket, with the same rules as `Client`.
+
+    Calls on one client are serialized by a lock, because a reply is matched to the one call
+    in flight; a late reply to a timed-out call is discarded by its id.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0,
+                 curve_keys: Path | None = None) -> None:
+        self.endpoint = endpoint or user_paths().requests_endpoint
+        self.timeout_s = timeout_s
+        self.curve_keys = curve_keys
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: Any = None
+        self._lock: Any = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout_s: float | None = None) -> Any:
+        """Send one request and return its result; raise BusError or DaemonUnavailable."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            require_socket_file(self.endpoint)
+            if self._sock is None:
+                self._sock = self._ctx.socket(zmq.DEALER)
+                self._sock.setsockopt(zmq.LINGER, LINGER_MS)
+                if self.curve_keys is not None:
+                    apply_client_curve(self._sock, self.curve_keys)
+                self._sock.connect(self.endpoint)
+            rid, payload = encode_request(method, params)
+            await self._sock.send_multipart([b"", payload])
+            limit = self.timeout_s if timeout_s is None else timeout_s
+            try:
+                return await asyncio.wait_for(self._reply(rid), limit)
+            except TimeoutError:
+                self.close()
+                raise DaemonUnavailable(f"no reply to {method!r} from {self.endpoint} within "
+                                        f"{limit:.1f} s; is `famulus run` running?") from None
+
+    async def _reply(self, rid: str) -> Any:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                reply = json.loads(frames[-1])
+            except ValueError:
+                continue
+            if not isinstance(reply, dict):
+                continue
+            if reply.get("id") != rid and not (reply.get("id") is None
+                                               and reply.get("ok") is False):
+                continue  # a late reply to an earlier call
+            if reply.get("ok"):
+                return reply.get("result")
+            error = reply.get("error") or {}
+            raise BusError(str(error.get("code")), str(error.get("message")))
+
+
+class AsyncSubscriber:
+    """Asyncio event subscriber with exact topic matching and gap-free `follow`."""
+
+    def __init__(self, topics: list[str] | None = None, *, endpoint: str | None = None,
+                 requests_endpoint: str | None = None, curve_keys: Path | None = None) -> None:
+        paths = user_paths() if endpoint is None or requests_endpoint is None else None
+        self.endpoint = endpoint or (paths.events_endpoint if paths else "")
+        self.requests_endpoint = requests_endpoint or (paths.requests_endpoint if paths else "")
+        self.topics = set(topics or [])
+        self.curve_keys = curve_keys
+        require_socket_file(self.endpoint)
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if curve_keys is not None:
+            apply_client_curve(self._sock, curve_keys)
+        # Every topic is received so that gaps in `seq` are real; the filter is exact below.
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(self.endpoint)
+
+    async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _wanted(self, event: Event) -> bool:
+        return not self.topics or event.topic in self.topics
+
+    async def _next(self, timeout_s: float | None) -> Event | None:
+        while True:
+            try:
+                frames = await asyncio.wait_for(self._sock.recv_multipart(), timeout_s)
+            except TimeoutError:
+                return None
+            try:
+                return decode_event(frames)
+            except ProtocolError:
+                continue
+
+    async def recv(self, timeout_s: float | None = None) -> Event | None:
+        """Return the next wanted event, or None when `timeout_s` passes without one."""
+        while True:
+            event = await self._next(timeout_s)
+            if event is None or self._wanted(event):
+                return event
+
+    async def follow(self, since: int = 0, *, idle_timeout_s: float | None = None,
+                     client: AsyncClient | None = None) -> AsyncIterator[Event]:
+        """Yield stored events after `since`, then live ones, with no gap and no duplicate."""
+        own_client = client is None
+        client = client or AsyncClient(self.requests_endpoint, curve_keys=self.curve_keys)
+        last = since
+        try:
+            async for event in self._replay(client, last, None):
+                last = event.seq
+                if self._wanted(event):
+                    yield event
+            while True:
+                event = await self._next(idle_timeout_s)
+                if event is None:
+                    return
+                if event.seq <= last:
+                    continue
+                if event.seq > last + 1:
+                    async for missed in self._replay(client, last, event.seq):
+                        last = missed.seq
+                        if self._wanted(missed):
+                            yield missed
+                last = event.seq
+                if self._wanted(event):
+                    yield event
+        finally:
+            if own_client:
+                client.close()
+
+    async def _replay(self, client: AsyncClient, since: int, until: int | None
+                      ) -> AsyncIterator[Event]:
+        while True:
+            page = await client.call(Method.EVENTS, {"since": since,
+                                                     "topics": sorted(self.topics) or None})
             for data in page["events"]:
                 event = Event.from_envelope(data)
                 if until is not None and event.seq >= until:
