@@ -171,7 +171,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    """Send one simple request (jobs, cancel, search, pause, resume) and print the result."""
+    """Send one simple request (jobs, cancel, search, pause, resume, reload); print the result."""
     from famulus.ipc.client import BusError, DaemonUnavailable
 
     params: dict[str, Any] = {}
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_request)
     sub.add_parser("pause", help="pause the folder watcher").set_defaults(fn=cmd_request)
     sub.add_parser("resume", help="resume the folder watcher; a scan catches up"
+                   ).set_defaults(fn=cmd_request)
+    sub.add_parser("reload", help="read the config file again and apply it"
                    ).set_defaults(fn=cmd_request)
 
     p = sub.add_parser("subscribe", help="print events as they are published")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from famulus.daemon import documents, journal
+from famulus.daemon.config import ConfigError
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.journal import JobKind, JobState, Lane
 from famulus.ipc.protocol import PROTOCOL_VERSION, ErrorCode, Method, Request
@@ -239,6 +240,17 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         daemon.set_paused(False)
         return {"paused": False}
 
+    def reload(request: Request) -> dict[str, Any]:
+        """Read the config file again and apply it.
+
+        Result: {"applied": [keys], "restart_required": [keys]}: keys whose new values took
+        effect, and keys that keep their old values until the daemon restarts.
+        """
+        try:
+            return daemon.reload()
+        except ConfigError as exc:
+            raise RequestError(ErrorCode.INVALID_PARAMS, f"config not reloaded: {exc}") from None
+
     def shutdown(request: Request) -> dict[str, Any]:
         """Ask the daemon to stop (staged shutdown, as after SIGTERM)."""
         daemon.request_stop()
@@ -246,8 +258,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
 
     return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
             Method.ASK: ask, Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
-            Method.PAUSE: pause, Method.RESUME: resume, Method.EVENTS: events,
-            Method.SHUTDOWN: shutdown}
+            Method.PAUSE: pause, Method.RESUME: resume, Method.RELOAD: reload,
+            Method.EVENTS: events, Method.SHUTDOWN: shutdown}
 
 
 def _envelope(row: Any) -> dict[str, Any]:

@@ -14,12 +14,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import IO, Any
 
 from famulus.daemon import documents
-from famulus.daemon.config import Config, ConfigError, describe
+from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
 from famulus.daemon.dispatcher import Dispatcher
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.handlers import make_handlers
@@ -34,6 +35,16 @@ from famulus.ipc.server import BusServer, TcpEndpoints
 from famulus.plugins.api import ENTRY_POINT_GROUP, Plugin
 
 logger = logging.getLogger(__name__)
+
+
+# Model keys that only shape the next generation; the others need a model reload.
+LIVE_MODEL_KEYS = ("model.max_prompt_tokens", "model.max_new_tokens",
+                   "model.repetition_penalty", "model.generation_timeout_s")
+
+
+def _value(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 class DaemonState(enum.StrEnum):
@@ -163,6 +174,47 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    def reload(self) -> dict[str, list[str]]:
+        """Read the config file again and apply what can change while running.
+
+        Generation, grounding and job settings apply to the next job; watch settings restart
+        the plugins. Model, bus and daemon settings need a restart and are only reported.
+        Raises ConfigError for an invalid file, leaving the running config unchanged.
+        """
+        source = None if self.config.source == "defaults" else self.config.source
+        new = load_config(self.paths, source)
+        changed = [key for key, _, _ in settings() if _value(self.config, key) != _value(new, key)]
+        live = [k for k in changed if k.split(".")[0] in ("grounding", "jobs", "watch")
+                or k in LIVE_MODEL_KEYS]
+        restart = [k for k in changed if k not in live]
+        # Keys that need a restart keep their old values until then.
+        applied = replace(new, model=replace(self.config.model, **{
+            k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
+            bus=self.config.bus, daemon=self.config.daemon)
+        self.config = applied
+        if self.dispatcher is not None:
+            self.dispatcher.config = applied
+        if any(k.startswith("watch.") for k in live):
+            self._restart_plugins()
+        self.store.call(lambda tx: tx.emit(Topic.CONFIG_RELOADED, {
+            "applied": live, "restart_required": restart}))
+        logger.info("config reloaded: applied=%s restart_required=%s", live, restart)
+        return {"applied": live, "restart_required": restart}
+
+    def _restart_plugins(self) -> None:
+        timeout = self.config.daemon.shutdown_timeout_s * 0.2
+        for plugin in self.plugins:
+            try:
+                plugin.stop(timeout)
+            except Exception:
+                logger.exception("plugin failed to stop for a reload: plugin=%s", plugin.name)
+        self.plugins = []
+        for plugin in load_plugins():
+            self._start_plugin(plugin)
+        if self.paused:
+            self.paused = False
+            self.set_paused(True)
 
     def set_paused(self, paused: bool) -> None:
         """Pause or resume every plugin that supports it, and announce the change."""

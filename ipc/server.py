@@ -42,6 +42,18 @@ class RequestError(Exception):
         self.code = code
 
 
+SNDHWM = 10_000
+
+
+def _drain(xpub: zmq.Socket[Any]) -> None:
+    """Discard the subscription messages an XPUB socket receives; nothing uses them."""
+    while True:
+        try:
+            xpub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
 def socket_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
@@ -74,7 +86,7 @@ class BusServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.stats = {"requests": 0, "bad_requests": 0, "events": 0}
+        self.stats = {"requests": 0, "bad_requests": 0, "events": 0, "events_dropped": 0}
 
     def start(self) -> None:
         """Bind the sockets on the server thread and return once they are bound."""
@@ -127,8 +139,11 @@ class BusServer:
 
     def _pair(self, events: str, requests: str, *, curve: bool = False
               ) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-        pub = self.ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.SNDHWM, 10_000)
+        # XPUB instead of PUB only to learn about drops: with XPUB_NODROP a send to a full
+        # subscriber fails instead of vanishing (see _send_event).
+        pub = self.ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.SNDHWM, SNDHWM)
+        pub.setsockopt(zmq.XPUB_NODROP, 1)
         router = self.ctx.socket(zmq.ROUTER)
         # Far larger frames disconnect the peer instead of filling memory; moderately
         # large ones get a `too_large` error reply from decode_request.
@@ -171,13 +186,16 @@ class BusServer:
             return
         self._ready.set()
         poller = zmq.Poller()
-        for sock in (*routers, pull, control):
+        for sock in (*pubs, *routers, pull, control):
             poller.register(sock, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll())
                 if control in ready:
                     break
+                for pub in pubs:
+                    if pub in ready:
+                        _drain(pub)
                 if pull in ready:
                     self._forward_events(pull, pubs)
                 for router in routers:
@@ -198,8 +216,29 @@ class BusServer:
             except zmq.Again:
                 return
             for pub in pubs:
-                pub.send_multipart(frames)
+                self._send_event(pub, frames)
             self.stats["events"] += 1
+
+    def _send_event(self, pub: zmq.Socket[Any], frames: list[bytes]) -> None:
+        """Publish without ever blocking; count the event when a slow subscriber misses it.
+
+        With XPUB_NODROP the send fails as a whole when any subscriber's queue is full. It is
+        then sent again in lossy mode, which reaches every subscriber with room and drops it
+        only for the full ones. Those subscribers see a gap in `seq` and can fill it.
+        """
+        try:
+            pub.send_multipart(frames, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        self.stats["events_dropped"] += 1
+        pub.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        finally:
+            pub.setsockopt(zmq.XPUB_NODROP, 1)
 
     def _serve_guarded(self, router: zmq.Socket[Any]) -> None:
         # One bad message must never take the bus down: the loop is the daemon's only

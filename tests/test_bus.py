@@ -13,6 +13,7 @@ import zmq
 from famulus.ipc.client import BusError, Client, DaemonUnavailable, Subscriber
 from famulus.ipc.protocol import ErrorCode, Event, Method, Request, encode_request
 from famulus.ipc.server import BusServer, RequestError
+from tests.conftest import wait_for
 
 
 class Bus:
@@ -175,3 +176,28 @@ def test_too_large_call_raises_bus_error(bus: Bus) -> None:
             client.call(Method.STATUS, {"echo": "x" * 5000})
         assert info.value.code == ErrorCode.TOO_LARGE
         assert client.call(Method.STATUS, {"echo": 1})["echo"] == 1
+
+
+def test_stalled_subscriber_counts_drops(bus: Bus) -> None:
+    ctx = zmq.Context.instance()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 10)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(bus.server.events_endpoint)
+    with Subscriber(endpoint=bus.server.events_endpoint,
+                    requests_endpoint=bus.server.requests_endpoint) as reader:
+        for _ in range(50):  # until both subscriptions have reached the server
+            bus.server.publish([bus.emit("probe")])
+            if reader.recv(timeout_s=0.1) is not None:
+                break
+        # Far more than the send and receive queues and the kernel's socket buffers hold.
+        bus.server.publish([bus.emit("flood", n=n) for n in range(60_000)])
+        # The server never blocks on the stalled subscriber: it keeps answering requests.
+        with Client(bus.server.requests_endpoint, timeout_s=10) as client:
+            assert client.call(Method.STATUS)["state"] == "running"
+        wait_for(lambda: bus.server.stats["events"] >= 60_000, 30, "all events forwarded")
+        assert bus.server.stats["events_dropped"] > 0
+        # The reading subscriber got the start of the flood despite the stalled one.
+        assert reader.recv(timeout_s=5) is not None
+    stalled.close()

@@ -125,3 +125,26 @@ def test_summarize_without_stream_sends_no_tokens(daemon_home: DaemonHome) -> No
                              120, f"job {job}")
     assert daemon_home.log.matching(Topic.JOB_TOKEN, job=quiet) == []
     assert daemon_home.log.matching(Topic.JOB_TOKEN, job=loud)
+
+
+def test_reload_applies_live_keys(daemon_home: DaemonHome) -> None:
+    daemon_home.start(wait_model=False)
+    second = daemon_home.root / "second-inbox"
+    daemon_home.config_file.write_text(daemon_home.config_file.read_text().replace(
+        f"folders = [{str(daemon_home.inbox)!r}]",
+        f"folders = [{str(daemon_home.inbox)!r}, {str(second)!r}]").replace(
+        "max_new_tokens = 48", 'max_new_tokens = 60\ndevices = ["CPU"]'))
+    with daemon_home.client() as client:
+        result = client.call("reload")
+        assert result["applied"] == ["watch.folders", "model.max_new_tokens"]
+        assert result["restart_required"] == ["model.devices"]
+        assert str(second) in client.call("status")["watch_folders"]
+        daemon_home.config_file.write_text("[watch]\nquiet_period = 1\n")
+        with pytest.raises(BusError, match="unknown key watch.quiet_period"):
+            client.call("reload")
+        assert str(second) in client.call("status")["watch_folders"]
+    (second / "note.txt").write_text("The tram runs every ten minutes.\n")
+    daemon_home.log.wait(lambda e: e.topic == Topic.DOCUMENT_DETECTED
+                         and e.body["path"] == str(second / "note.txt"), 60,
+                         "detection in the new folder")
+    daemon_home.log.wait(lambda e: e.topic == Topic.CONFIG_RELOADED, 10, "config.reloaded")
