@@ -281,11 +281,14 @@ def test_cli_summarize_goes_through_daemon(daemon_home: DaemonHome) -> None:
 
 def test_invalid_params_rejected_by_daemon(daemon_home: DaemonHome) -> None:
     daemon_home.start(wait_model=False)
+    note = daemon_home.root / "note.txt"
+    note.write_text("The ferry leaves at nine.\n")
     cases = [
         ("events", {"since": 0, "limit": 0}, "`limit` must be at least 1"),
         ("events", {"since": "x"}, "`since` must be a whole number"),
         ("events", {"topics": "job.done"}, "`topics` must be a list"),
-        ("summarize", {"path": str(daemon_home.inbox), "force": "false"}, "`force` must be"),
+        ("summarize", {"path": str(note), "force": "false"}, "`force` must be"),
+        ("summarize", {"path": str(daemon_home.inbox)}, "must name a regular file"),
         ("summarize", {"path": "relative.txt"}, "must be an absolute path"),
         ("summarize", {"text": "  "}, "non-empty text"),
         ("summarize", {}, "exactly one of"),
