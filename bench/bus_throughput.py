@@ -4,6 +4,9 @@
    a. famulus: a real Store in a temporary folder whose commits feed a real BusServer
       (`store.on_commit = server.publish`), events emitted `--batch` per transaction, and
       received by `famulus.ipc.client.Subscriber.recv`, which decodes each envelope.
+   a2. famulus bus layer: the same BusServer and Subscriber, fed with ready Event objects
+      (as the store hands them over after a commit), so the event log's own cost is left
+      out; this is the PUB-to-SUB path itself.
    b. raw pyzmq: the same envelope bytes, sent as two frames by a plain PUB socket and
       received with `recv_multipart`, not decoded.
    c. raw pyzmq plus `json.loads` of each envelope on receipt.
@@ -97,7 +100,7 @@ def make_topic_reader(mode: str, ctx: zmq.Context[Any],
                       endpoint: str) -> tuple[Callable[[], str | None], Callable[[], None]]:
     """Return a function that receives one event in `mode` and returns its topic (None on
     timeout), and a function that closes the socket."""
-    if mode == "famulus":
+    if mode in ("famulus", "famulus_bus"):
         # Only `recv` is used, which sends no requests: the requests endpoint is unused.
         sub = Subscriber(endpoint=endpoint, requests_endpoint=endpoint, context=ctx)
 
@@ -172,6 +175,32 @@ class FamulusPublisher:
         self.server.stop()
 
 
+class BusPublisher:
+    """A BusServer fed with ready events, as the store's writer thread feeds it."""
+
+    def __init__(self, folder: Path, events_endpoint: str, total: int) -> None:
+        self.server = BusServer(events_endpoint, f"ipc://{folder / 'requests.sock'}", {},
+                                max_message_bytes=1024 * 1024)
+        self.server.start()
+        self.events = [prepared_event(step, total) for step in range(total)]
+
+    def probe(self) -> None:
+        self.server.publish([Event(seq=0, id=new_id(), cause=None, ts=now(),
+                                   topic=PROBE_TOPIC, body={})])
+
+    def send_batch(self, start: int, count: int) -> None:
+        self.server.publish(self.events[start:start + count])
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def prepared_event(step: int, total: int) -> Event:
+    body = progress_body(step, total)
+    return Event(seq=step + 1, id=new_id(), cause=None, ts=now(), topic=EVENT_TOPIC,
+                 body=body, body_json=json.dumps(body, separators=(",", ":")))
+
+
 def prepared_frames(total: int) -> list[list[bytes]]:
     """Build `total` envelopes exactly as famulus publishes them (Event.frames)."""
     return [Event(seq=step + 1, id=new_id(), cause=None, ts=now(), topic=EVENT_TOPIC,
@@ -188,7 +217,10 @@ def wait_ack(pull: zmq.Socket[Any]) -> bytes:
     return message
 
 
-def wait_subscribed(publisher: RawPublisher | FamulusPublisher, pull: zmq.Socket[Any]) -> None:
+Publisher = RawPublisher | FamulusPublisher | BusPublisher
+
+
+def wait_subscribed(publisher: Publisher, pull: zmq.Socket[Any]) -> None:
     """Send probe events until the receiver has one: then its subscription is active."""
     deadline = time.monotonic() + WAIT_S
     while not pull.poll(50):
@@ -200,7 +232,7 @@ def wait_subscribed(publisher: RawPublisher | FamulusPublisher, pull: zmq.Socket
         raise RuntimeError("the receiver acknowledged events before it was ready")
 
 
-def pump(publisher: RawPublisher | FamulusPublisher, pull: zmq.Socket[Any], total: int,
+def pump(publisher: Publisher, pull: zmq.Socket[Any], total: int,
          batch: int, window: int) -> float:
     """Send `total` events in batches, with at most `window` batches unacknowledged.
 
@@ -219,7 +251,7 @@ def pump(publisher: RawPublisher | FamulusPublisher, pull: zmq.Socket[Any], tota
 
 def run_throughput(mode: str, total: int, batch: int, window: int) -> dict[str, Any]:
     """Measure one mode with a fresh receiver process, publisher and sockets."""
-    frames = prepared_frames(total) if mode != "famulus" else []
+    frames = prepared_frames(total) if mode in ("raw", "raw_json") else []
     with tempfile.TemporaryDirectory(prefix="famulus-bus-bench-") as tmp:
         folder = Path(tmp)
         events_endpoint = f"ipc://{folder / 'events.sock'}"
@@ -228,9 +260,11 @@ def run_throughput(mode: str, total: int, batch: int, window: int) -> dict[str, 
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(ack_endpoint)
-        publisher: RawPublisher | FamulusPublisher
+        publisher: Publisher
         if mode == "famulus":
             publisher = FamulusPublisher(folder, events_endpoint, total)
+        elif mode == "famulus_bus":
+            publisher = BusPublisher(folder, events_endpoint, total)
         else:
             publisher = RawPublisher(ctx, events_endpoint, frames)
         # spawn: a forked child would inherit the parent's ZeroMQ and SQLite threads.
@@ -274,7 +308,7 @@ def run_store_only(total: int, batch: int) -> dict[str, Any]:
 
 def measure_throughput(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {}
-    for mode in ("famulus", "raw", "raw_json", "store_only"):
+    for mode in ("famulus", "famulus_bus", "raw", "raw_json", "store_only"):
         if mode == "store_only":
             runs = [run_store_only(args.events, args.batch) for _ in range(args.repeats)]
         else:

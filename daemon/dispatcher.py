@@ -149,8 +149,8 @@ class Dispatcher:
             self._emit(Topic.MODEL_FAILED, {"model": self.model_name, "error": str(exc)})
             logger.error("model %s failed to load: %s. Documents wait in the queue.",
                          self.model_name, exc)
-            # TODO: retry the load when the model's config changes; `reload` reports model
-            # keys as needing a restart, so today a restart of the daemon retries it.
+            # TODO: retry the load when the model's config changes. `reload` reports model
+            # keys as needing a restart, so today only a restart retries it.
             self._stopping.wait()
             return False
         self._emit(Topic.MODEL_LOADED, {"model": self.model_name, "device": state.device,

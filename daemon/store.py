@@ -114,12 +114,20 @@ class Tx:
     def emit(self, topic: str, body: dict[str, Any], cause: str | None = None) -> Event:
         """Append an event to the log; it is published after this transaction commits."""
         event_id, ts = new_id(), now()
+        body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        if not body_json.isascii():
+            try:
+                body_json.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (a file name that is not valid UTF-8) cannot be stored
+                # as UTF-8 text; \\u escapes keep it.
+                body_json = json.dumps(body, ensure_ascii=True, separators=(",", ":"))
         cur = self.conn.execute(
             "INSERT INTO events (id, cause, ts, topic, body) VALUES (?, ?, ?, ?, ?)",
-            (event_id, cause, ts, topic, json.dumps(body, ensure_ascii=False)),
+            (event_id, cause, ts, topic, body_json),
         )
         event = Event(seq=int(cur.lastrowid or 0), id=event_id, cause=cause, ts=ts,
-                      topic=topic, body=body)
+                      topic=topic, body=body, body_json=body_json)
         self.events.append(event)
         return event
 

@@ -171,16 +171,26 @@ class Subscriber:
         """Return the next wanted event, or None when `timeout_s` passes without one."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            wait_ms = None if deadline is None else max(0, int(
-                (deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait_ms):
+            frames = self._recv_frames(deadline)
+            if frames is None:
                 return None
             try:
-                event = decode_event(self._sock.recv_multipart())
+                event = decode_event(frames)
             except ProtocolError:
                 continue
             if self._wanted(event):
                 return event
+
+    def _recv_frames(self, deadline: float | None) -> list[bytes] | None:
+        # A queued message is taken without a poll first: one system call less per event.
+        try:
+            return self._sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        if not self._sock.poll(wait_ms):
+            return None
+        return self._sock.recv_multipart()
 
     def follow(self, since: int = 0, *, idle_timeout_s: float | None = None,
                client: Client | None = None) -> Iterator[Event]:
@@ -221,12 +231,13 @@ class Subscriber:
                 client.close()
 
     def _recv_any(self, timeout_s: float | None) -> Event | None:
-        wait_ms = None if timeout_s is None else int(timeout_s * 1000)
         while True:
-            if not self._sock.poll(wait_ms):
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            frames = self._recv_frames(deadline)
+            if frames is None:
                 return None
             try:
-                return decode_event(self._sock.recv_multipart())
+                return decode_event(frames)
             except ProtocolError:
                 continue
 
@@ -249,7 +260,7 @@ class AsyncClient:
     """Asyncio request client over a DEALER socket, with the same rules as `Client`.
 
     Calls on one client are serialized by a lock, because a reply is matched to the one call
-    in flight; a late reply to a timed-out call is discarded by its id.
+    in flight. A late reply to a timed-out call is discarded by its id.
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0,

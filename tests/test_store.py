@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -80,3 +81,15 @@ def test_reader_cannot_write(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         store.read().execute("DELETE FROM events")
     store.close()
+
+
+def test_event_frames_match_plain_encoding(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    body = {"path": "/tmp/Zürich \udc80.txt", "n": 1.5, "nested": {"a": [1, None, True]}}
+    event = store.call(lambda tx: tx.emit("document.detected", body, cause="c1"))
+    store.close()
+    assert event.body_json is not None
+    topic, payload = event.frames()
+    plain = Event(event.seq, event.id, event.cause, event.ts, event.topic, event.body)
+    assert topic == b"document.detected"
+    assert json.loads(payload) == json.loads(plain.frames()[1])
