@@ -60,6 +60,28 @@ def require_socket_file(endpoint: str) -> None:
                                 "not exist; start one with `famulus run`")
 
 
+def _own_reply(frames: list[bytes], rid: str) -> dict[str, Any] | None:
+    """Return the reply in `frames` if it answers request `rid`; None for anything else."""
+    try:
+        reply = json.loads(frames[-1])
+    except ValueError:
+        return None
+    if not isinstance(reply, dict):
+        return None
+    if reply.get("id") is None and reply.get("ok") is False:
+        # The server could not read the id (the request was too large or not JSON). Only
+        # one call is in flight per socket, so the error is taken as its reply.
+        return reply
+    return reply if reply.get("id") == rid else None  # else a late reply to an earlier call
+
+
+def _result(reply: dict[str, Any]) -> Any:
+    if reply.get("ok"):
+        return reply.get("result")
+    error = reply.get("error") or {}
+    raise BusError(str(error.get("code")), str(error.get("message")))
+
+
 class Client:
     """Synchronous request client over a DEALER socket.
 
@@ -113,23 +135,9 @@ class Client:
                 self.close()
                 raise DaemonUnavailable(f"no reply to {method!r} from {self.endpoint} "
                                         "within the timeout; is `famulus run` running?")
-            frames = sock.recv_multipart()
-            try:
-                reply = json.loads(frames[-1])
-            except ValueError:
-                continue
-            if not isinstance(reply, dict):
-                continue
-            if reply.get("id") is None and reply.get("ok") is False:
-                # The server could not read the id (the request was too large or not JSON).
-                # Only this call is in flight, so the error is taken as its reply.
-                pass
-            elif reply.get("id") != rid:
-                continue  # a late reply to an earlier call
-            if reply.get("ok"):
-                return reply.get("result")
-            error = reply.get("error") or {}
-            raise BusError(str(error.get("code")), str(error.get("message")))
+            reply = _own_reply(sock.recv_multipart(), rid)
+            if reply is not None:
+                return _result(reply)
 
 
 class Subscriber:
@@ -308,20 +316,9 @@ class AsyncClient:
 
     async def _reply(self, rid: str) -> Any:
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                reply = json.loads(frames[-1])
-            except ValueError:
-                continue
-            if not isinstance(reply, dict):
-                continue
-            if reply.get("id") != rid and not (reply.get("id") is None
-                                               and reply.get("ok") is False):
-                continue  # a late reply to an earlier call
-            if reply.get("ok"):
-                return reply.get("result")
-            error = reply.get("error") or {}
-            raise BusError(str(error.get("code")), str(error.get("message")))
+            reply = _own_reply(await self._sock.recv_multipart(), rid)
+            if reply is not None:
+                return _result(reply)
 
 
 class AsyncSubscriber:
