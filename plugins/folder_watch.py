@@ -187,6 +187,8 @@ class FolderWatchPlugin:
 
     def _check(self, path: str, seen: tuple[int, int] | None, changed_at: float,
                quiet: float) -> None:
+        # TODO: a file name that is not valid UTF-8 (watchdog passes it with surrogate
+        # escapes) cannot be stored as SQLite text, so its submit fails and is only logged.
         try:
             st = os.stat(path)
         except FileNotFoundError:
