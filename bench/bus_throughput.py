@@ -5,8 +5,8 @@
       (`store.on_commit = server.publish`), events emitted `--batch` per transaction, and
       received by `famulus.ipc.client.Subscriber.recv`, which decodes each envelope.
    a2. famulus bus layer: the same BusServer and Subscriber, fed with ready Event objects
-      (as the store hands them over after a commit), so the event log's own cost is left
-      out; this is the PUB-to-SUB path itself.
+      (as the store hands them over after a commit). The event log's own cost is left out,
+      so this is the PUB-to-SUB path itself.
    b. raw pyzmq: the same envelope bytes, sent as two frames by a plain PUB socket and
       received with `recv_multipart`, not decoded.
    c. raw pyzmq plus `json.loads` of each envelope on receipt.
@@ -28,9 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ from typing import Any
 
 import zmq
 
-from famulus.daemon.demo import isolated_env, wait_for_daemon, write_config
+from famulus.daemon.demo import isolated_daemon
 from famulus.daemon.model.registry import resolve
 from famulus.daemon.paths import user_paths
 from famulus.daemon.store import Store, Tx
@@ -356,36 +354,15 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def measure_status(calls: int, warmup: int) -> dict[str, Any]:
     model = resolve(user_paths().models_dir, "smollm2-135m-instruct", "")
-    with tempfile.TemporaryDirectory(prefix="famulus-bench-") as tmp:
-        home = Path(tmp)
-        env = isolated_env(home)
-        write_config(home / "config.toml", home / "inbox", model)
-        runtime = home / "run" / "famulus"
-        proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
-                                 str(home / "config.toml"), "run"], env=env,
-                                stderr=subprocess.DEVNULL)
-        client = Client(f"ipc://{runtime / 'requests.sock'}")
-        try:
-            wait_for_daemon(client, proc, 120)
-            model_state = wait_model_settled(client)
-            durations = time_status_calls(client, calls, warmup)
-        finally:
-            client.close()
-            stop_daemon(proc)
+    with isolated_daemon(model, prefix="famulus-bench-", quiet_stderr=True) as daemon, \
+            Client(daemon.requests_endpoint) as client:
+        model_state = wait_model_settled(client)
+        durations = time_status_calls(client, calls, warmup)
     ms = [d * 1000 for d in durations]
     return {"calls": calls, "warmup_calls": warmup, "model_state": model_state,
             "p50_ms": round(percentile(ms, 0.50), 3), "p90_ms": round(percentile(ms, 0.90), 3),
             "p99_ms": round(percentile(ms, 0.99), 3), "max_ms": round(max(ms), 3),
             "mean_ms": round(statistics.fmean(ms), 3)}
-
-
-def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def main() -> int:

@@ -3,9 +3,9 @@
 1. Idle: the daemon with the default model loaded and one watched folder, sampled for
    `--idle-s` seconds: CPU time (share of one core), RSS and context switches (wake-ups)
    of the daemon and of the model host, from /proc.
-2. Latency: small text files written one at a time; for each, the time from the file's
-   close to `document.summarized` on the bus, minus the model's own generation time and
-   minus the configured quiet period.
+2. Latency: small text files are written one at a time. For each, the report gives the
+   time from the file's close to `document.summarized` on the bus, minus the model's own
+   generation time and minus the configured quiet period.
 
 Run: .venv/bin/python bench/idle_and_latency.py [--idle-s 60] [--files 5]
 Linux only (reads /proc). Prints a JSON report.
@@ -17,17 +17,14 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from famulus.daemon.demo import isolated_env, wait_for_daemon, write_config
+from famulus.daemon.demo import isolated_daemon
 from famulus.daemon.model.registry import resolve
 from famulus.daemon.paths import user_paths
 from famulus.ipc.client import Client, Subscriber
@@ -111,35 +108,21 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=5, help="documents for the latency run")
     args = parser.parse_args()
     model = resolve(user_paths().models_dir, "smollm2-135m-instruct", "")
-    with tempfile.TemporaryDirectory(prefix="famulus-bench-") as tmp:
-        home = Path(tmp)
-        env = isolated_env(home)
-        inbox = home / "inbox"
-        write_config(home / "config.toml", inbox, model, quiet_period_s=QUIET_PERIOD_S)
-        runtime = home / "run" / "famulus"
-        proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
-                                 str(home / "config.toml"), "run"], env=env,
-                                stderr=subprocess.DEVNULL)
-        client = Client(f"ipc://{runtime / 'requests.sock'}")
-        try:
-            wait_for_daemon(client, proc, 120)
-            deadline = time.monotonic() + 120
-            while client.call("status")["model"]["state"] != "loaded":
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the model did not load within 120 s")
-                time.sleep(0.2)
-            host_pid = client.call("status")["model"]["pid"]
-            time.sleep(2)  # let start-up work (scan, first events) settle before sampling
-            idle = measure_idle({"daemon": proc.pid, "model_host": host_pid}, args.idle_s)
-            with Subscriber([Topic.DOCUMENT_SUMMARIZED],
-                            endpoint=f"ipc://{runtime / 'events.sock'}",
-                            requests_endpoint=client.endpoint) as sub:
-                time.sleep(0.3)  # subscription propagation before the first file
-                latency = measure_latency(inbox, sub, args.files)
-        finally:
-            client.close()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+    with isolated_daemon(model, quiet_period_s=QUIET_PERIOD_S, prefix="famulus-bench-",
+                         quiet_stderr=True) as daemon, \
+            Client(daemon.requests_endpoint) as client:
+        deadline = time.monotonic() + 120
+        while client.call("status")["model"]["state"] != "loaded":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the model did not load within 120 s")
+            time.sleep(0.2)
+        host_pid = client.call("status")["model"]["pid"]
+        time.sleep(2)  # let start-up work (scan, first events) settle before sampling
+        idle = measure_idle({"daemon": daemon.proc.pid, "model_host": host_pid}, args.idle_s)
+        with Subscriber([Topic.DOCUMENT_SUMMARIZED], endpoint=daemon.events_endpoint,
+                        requests_endpoint=client.endpoint) as sub:
+            time.sleep(0.3)  # subscription propagation before the first file
+            latency = measure_latency(daemon.inbox, sub, args.files)
     print(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                   "python": platform.python_version(),
                                   "openvino_genai": version("openvino-genai")},

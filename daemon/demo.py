@@ -16,6 +16,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from famulus.daemon.model.registry import ModelNotFound, resolve
@@ -51,16 +54,61 @@ def write_config(path: Path, inbox: Path, model_path: Path, quiet_period_s: floa
 
 
 def wait_for_daemon(client: Client, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait until the daemon reports the state `running` (its watchers have started)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with code {proc.returncode} during start-up")
         try:
-            client.call("status", timeout_s=1.0)
-            return
+            if client.call("status", timeout_s=1.0)["state"] == "running":
+                return
         except DaemonUnavailable:
-            continue
-    raise RuntimeError(f"the daemon did not answer `status` within {timeout_s:.0f} s")
+            pass  # the socket does not exist yet
+        time.sleep(0.05)
+    raise RuntimeError(f"the daemon was not running within {timeout_s:.0f} s")
+
+
+@dataclass(frozen=True)
+class IsolatedDaemon:
+    """A running `famulus run` whose folders all lie below `home`."""
+
+    home: Path
+    inbox: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def requests_endpoint(self) -> str:
+        return f"ipc://{self.home / 'run' / 'famulus' / 'requests.sock'}"
+
+    @property
+    def events_endpoint(self) -> str:
+        return f"ipc://{self.home / 'run' / 'famulus' / 'events.sock'}"
+
+
+@contextmanager
+def isolated_daemon(model_path: Path, *, quiet_period_s: float = 0.5, prefix: str = "famulus-",
+                    quiet_stderr: bool = False) -> Iterator[IsolatedDaemon]:
+    """Start a daemon in a temporary home, wait until it serves requests, stop it on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        home = Path(tmp)
+        env = isolated_env(home)
+        write_config(home / "config.toml", home / "inbox", model_path,
+                     quiet_period_s=quiet_period_s)
+        proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
+                                 str(home / "config.toml"), "run"], env=env,
+                                stderr=subprocess.DEVNULL if quiet_stderr else None)
+        daemon = IsolatedDaemon(home=home, inbox=home / "inbox", proc=proc)
+        try:
+            with Client(daemon.requests_endpoint) as client:
+                wait_for_daemon(client, proc, 120)
+            yield daemon
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def run_demo(samples: Path, *, timeout_s: float) -> int:
@@ -73,34 +121,18 @@ def run_demo(samples: Path, *, timeout_s: float) -> int:
     if not files:
         print(f"no sample documents in {samples}", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="famulus-demo-") as tmp:
-        home = Path(tmp)
-        env = isolated_env(home)
-        inbox = home / "inbox"
-        config = home / "config.toml"
-        write_config(config, inbox, model_path)
-        runtime = home / "run" / "famulus"
-        proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
-                                 str(config), "run"], env=env)
-        try:
-            return _drive(proc, runtime, inbox, files, timeout_s)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with isolated_daemon(model_path, prefix="famulus-demo-") as daemon:
+        return _drive(daemon, files, timeout_s)
 
 
-def _drive(proc: subprocess.Popen[bytes], runtime: Path, inbox: Path, files: list[Path],
-           timeout_s: float) -> int:
-    client = Client(f"ipc://{runtime / 'requests.sock'}")
-    wait_for_daemon(client, proc, 120)
+def _drive(daemon: IsolatedDaemon, files: list[Path], timeout_s: float) -> int:
+    client = Client(daemon.requests_endpoint)
+    inbox = daemon.inbox
     print(f"daemon is up; dropping {len(files)} documents into {inbox}", flush=True)
     names = {f.name for f in files}
     outcomes: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
-    with Subscriber(list(OUTCOMES), endpoint=f"ipc://{runtime / 'events.sock'}",
+    with Subscriber(list(OUTCOMES), endpoint=daemon.events_endpoint,
                     requests_endpoint=client.endpoint) as sub:
         for f in files:
             shutil.copy2(f, inbox / f.name)

@@ -58,8 +58,8 @@ class AlreadyRunning(Exception):
     """Another famulus daemon of this user holds the instance lock."""
 
     def __init__(self, pid: int | None, lock_file: Path) -> None:
-        who = f"PID {pid}" if pid else "an unknown PID"
-        super().__init__(f"famulus is already running ({who}, lock {lock_file}); stop it "
+        owner = f"PID {pid}" if pid else "an unknown PID"
+        super().__init__(f"famulus is already running ({owner}, lock {lock_file}); stop it "
                          "with `famulus stop` or `kill -TERM <pid>` first")
         self.pid = pid
 
@@ -272,11 +272,13 @@ class Daemon:
         logger.info("bus ready: events=%s requests=%s", self.paths.events_endpoint,
                     self.paths.requests_endpoint)
         self._start_model()
+        for plugin in load_plugins():
+            self._start_plugin(plugin)
+        # Running only once the watchers run: a client that waits for this state can drop
+        # files into a watched folder right away (the folder exists by then).
         self.state = DaemonState.RUNNING
         self.store.call(lambda tx: tx.emit(Topic.DAEMON_STARTED, {
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
-        for plugin in load_plugins():
-            self._start_plugin(plugin)
 
     def _purge_events(self) -> None:
         """Delete events past the retention period, then schedule the next purge a day later."""

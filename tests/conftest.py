@@ -147,7 +147,7 @@ class DaemonHome:
                                     stdout=subprocess.DEVNULL)
         self.proc = proc
         client = self.client()
-        wait_for(lambda: self._status_or_exit(client, proc), 60, "the daemon to answer status")
+        wait_for(lambda: self._status_or_exit(client, proc), 60, "the daemon to run")
         self.log = EventLog(self.runtime)
         if wait_model:
             wait_for(lambda: client.call("status")["model"]["state"] in ("loaded", "failed"),
@@ -160,8 +160,7 @@ class DaemonHome:
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited during start-up with code {proc.returncode}")
         try:
-            client.call("status", timeout_s=0.5)
-            return True
+            return client.call("status", timeout_s=0.5)["state"] == "running"
         except DaemonUnavailable:
             return False
 
@@ -247,7 +246,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); read its state to tell it apart.
+    # kill(0) succeeds for a zombie too, so its state is read to tell it apart.
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
