@@ -127,7 +127,7 @@ def summary_for_content(conn: sqlite3.Connection | Tx, sha256: str, model: str
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished summary with its provenance, ready to be stored."""
+    """The finished summary of a job, with its provenance, ready to be stored."""
 
     text: str
     device: str

@@ -200,7 +200,7 @@ class Store:
         return self.submit(fn).result(timeout=timeout)
 
     def read(self) -> sqlite3.Connection:
-        """Return this thread's read-only connection (autocommit, sees committed data)."""
+        """Return this thread's read-only connection (autocommit, reads committed data)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.path)

@@ -52,7 +52,7 @@ class DaemonUnavailable(Exception):
 def require_socket_file(endpoint: str) -> None:
     """Raise DaemonUnavailable at once when an ipc:// endpoint's socket file is missing.
 
-    ZeroMQ would connect lazily and wait for the full timeout; a missing file already says
+    ZeroMQ would connect lazily and wait for the full timeout. A missing file already means
     that no daemon is listening there.
     """
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
@@ -61,7 +61,7 @@ def require_socket_file(endpoint: str) -> None:
 
 
 def _own_reply(frames: list[bytes], rid: str) -> dict[str, Any] | None:
-    """Return the reply in `frames` if it answers request `rid`; None for anything else."""
+    """Return the reply in `frames` if it is the reply to request `rid`, else None."""
     try:
         reply = json.loads(frames[-1])
     except ValueError:

@@ -1,7 +1,7 @@
 """The bus server: one thread owns the PUB, ROUTER and internal sockets.
 
 ZeroMQ sockets are not thread-safe, so other threads never touch these sockets. Committed
-events reach this thread over an inproc PUSH/PULL pair, and requests are answered here. The
+events reach this thread over an inproc PUSH/PULL pair, and requests get their replies here. The
 loop blocks in `poll` with no timeout, so an idle daemon has no periodic wake-ups.
 """
 
@@ -68,7 +68,7 @@ class TcpEndpoints:
 
 
 class BusServer:
-    """Publishes events and answers requests until `stop` is called."""
+    """Publishes events and replies to requests until `stop` is called."""
 
     def __init__(self, events_endpoint: str, requests_endpoint: str,
                  handlers: dict[str, Handler], *, max_message_bytes: int,

@@ -1,7 +1,7 @@
 """The plugin API: what a plugin implements and the narrow context it receives.
 
 A plugin is a class registered under the entry-point group `famulus.plugins`; the built-in
-plugins register the same way. It never sees the daemon's internals, only `PluginContext`.
+plugins register the same way. It gets no access to the daemon's internals, only to `PluginContext`.
 """
 
 from __future__ import annotations

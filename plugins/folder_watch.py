@@ -158,12 +158,12 @@ class FolderWatchPlugin:
                 self._pending.touch(str(file))
                 queued += 1
         present = {str(f) for f in found}
-        gone = [p for p in self.ctx.known_paths_under(folder) if p not in present]
-        for path in gone:
+        vanished = [p for p in self.ctx.known_paths_under(folder) if p not in present]
+        for path in vanished:
             if not os.path.exists(path):
                 self.ctx.file_removed(Path(path))
         self.ctx.logger.info("start-up scan: folder=%s files=%d to_process=%d removed=%d",
-                             folder, len(found), queued, len(gone))
+                             folder, len(found), queued, len(vanished))
 
     # -- quiet period ---------------------------------------------------------------------
 

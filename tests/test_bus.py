@@ -88,7 +88,7 @@ def test_malformed_request_gets_error_reply(bus: Bus, payload: bytes, code: str)
     reply = reply_to(sock, [b"", payload])
     assert reply["ok"] is False
     assert reply["error"]["code"] == code
-    # The loop goes on: a valid request right after is answered.
+    # The loop goes on: a valid request right after gets its reply.
     _, good = encode_request("status")
     assert reply_to(sock, [b"", good])["ok"] is True
     sock.close()
@@ -193,7 +193,7 @@ def test_stalled_subscriber_counts_drops(bus: Bus) -> None:
                 break
         # Far more than the send and receive queues and the kernel's socket buffers hold.
         bus.server.publish([bus.emit("flood", n=n) for n in range(60_000)])
-        # The server never blocks on the stalled subscriber: it keeps answering requests.
+        # The server never blocks on the stalled subscriber: it keeps serving requests.
         with Client(bus.server.requests_endpoint, timeout_s=10) as client:
             assert client.call(Method.STATUS)["state"] == "running"
         wait_for(lambda: bus.server.stats["events"] >= 60_000, 30, "all events forwarded")

@@ -106,7 +106,7 @@ def _codec_for_label(label: str) -> str | None:
 
     Follows the WHATWG Encoding Standard where it differs from the label's literal meaning.
     Browsers read latin-1 and ASCII pages as windows-1252. They read a page whose meta
-    tag says UTF-16 as UTF-8, because an ASCII-readable meta tag rules out UTF-16.
+    tag declares UTF-16 as UTF-8, because an ASCII-readable meta tag rules out UTF-16.
     """
     try:
         name = codecs.lookup(label).name

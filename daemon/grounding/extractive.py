@@ -125,8 +125,8 @@ def extractive_summary(text: str, max_sentences: int = 3) -> str:
             continue
         centrality = sum(frequency[w] for w in words) / len(words)
         position = 1.0 + 0.5 / math.sqrt(index + 1)
-        # Lines without closing punctuation are mostly headings and table rows: they name
-        # topics but say little about them.
+        # Lines without closing punctuation are mostly headings and table rows, which name
+        # topics but state little about them.
         form = 1.0 if sentences[index][-1] in ".!?" else 0.4
         scored.append((centrality * position * form, index))
     chosen = sorted(index for _, index in sorted(scored, reverse=True)[:max_sentences])

@@ -25,7 +25,7 @@ logger = logging.getLogger("famulus.daemon.model.host")
 
 
 class HostError(Exception):
-    """A request failed inside the host; `kind` tells the daemon how to react."""
+    """A request failed inside the host. `kind` selects the daemon's reaction."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -109,7 +109,7 @@ class Host:
         return str(self.tokenizer.apply_chat_template(history, add_generation_prompt=True))
 
     def count(self, messages: list[dict[str, str]]) -> int:
-        # The template already holds the special tokens, so no BOS is added on top.
+        # The template already contains the special tokens, so no BOS is added on top.
         ids = self.tokenizer.encode(self.template(messages), add_special_tokens=False).input_ids
         return int(ids.shape[-1])
 
@@ -169,7 +169,7 @@ def disable_openvino_telemetry() -> None:
     """Make `import openvino` use its built-in no-op telemetry stub.
 
     `import openvino` imports its model converter, which sends a usage event through the
-    `openvino_telemetry` package (openvino 2026.4) unless a consent file says no. famulus
+    `openvino_telemetry` package (openvino 2026.4) unless a consent file opts out. famulus
     promises that nothing leaves the machine. The send also forks a process from a thread
     while this process reads stdin, and that child can hang and outlive the host. OpenVINO
     falls back to its stub when the package cannot be imported, which this arranges.

@@ -56,7 +56,7 @@ class ModelNotFound(Exception):
 
 
 class PullError(Exception):
-    """Fetching or verifying a model failed; the message says how to place it by hand."""
+    """Fetching or verifying a model failed. The message explains how to place it by hand."""
 
 
 def registry_file(models_dir: Path) -> Path:

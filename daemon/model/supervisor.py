@@ -25,7 +25,7 @@ MAX_BACKOFF_S = 60.0
 
 
 class ModelError(Exception):
-    """A model request failed; `temporary` says whether a retry may succeed."""
+    """A model request failed. `temporary` is true when a retry may succeed."""
 
     temporary = True
 
@@ -50,7 +50,7 @@ class LoadFailed(ModelError):
 
 @dataclass
 class ModelState:
-    """What the daemon knows about the host, as shown by `status`."""
+    """The daemon's record of the host's state, as shown by `status`."""
 
     state: str = "stopped"  # stopped, loading, loaded, failed
     device: str | None = None
