@@ -316,3 +316,15 @@ def test_config_check_reports_missing_model(daemon_home: DaemonHome) -> None:
     assert proc.returncode == 1
     assert "config OK" in proc.stdout
     assert "missing.gguf does not exist" in proc.stderr
+
+
+def test_running_state_means_watching(daemon_home: DaemonHome) -> None:
+    # `running` once meant only that the sockets were up; a file dropped at once then failed
+    # because the watched folder did not exist yet.
+    daemon_home.start(wait_model=False)
+    assert daemon_home.status()["state"] == "running"
+    assert daemon_home.inbox.is_dir()
+    target = daemon_home.inbox / "first.txt"
+    target.write_text("The tram runs every ten minutes.\n")
+    daemon_home.log.wait(lambda e: e.topic == Topic.DOCUMENT_DETECTED
+                         and e.body["path"] == str(target), 60, "detection")
