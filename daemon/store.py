@@ -9,7 +9,6 @@ was rolled back was never announced.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import sqlite3
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from famulus.ipc.protocol import Event, new_id, now
+from famulus.ipc.protocol import Event, dumps, new_id, now
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +113,14 @@ class Tx:
     def emit(self, topic: str, body: dict[str, Any], cause: str | None = None) -> Event:
         """Append an event to the log; it is published after this transaction commits."""
         event_id, ts = new_id(), now()
-        body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-        if not body_json.isascii():
-            try:
-                body_json.encode("utf-8")
-            except UnicodeEncodeError:
-                # A lone surrogate (a file name that is not valid UTF-8) cannot be stored
-                # as UTF-8 text; \\u escapes keep it.
-                body_json = json.dumps(body, ensure_ascii=True, separators=(",", ":"))
+        # dumps keeps a lone surrogate (a file name that is not valid UTF-8) as a \u escape.
+        body_json = dumps(body).decode("utf-8")
         cur = self.conn.execute(
             "INSERT INTO events (id, cause, ts, topic, body) VALUES (?, ?, ?, ?, ?)",
             (event_id, cause, ts, topic, body_json),
         )
         event = Event(seq=int(cur.lastrowid or 0), id=event_id, cause=cause, ts=ts,
-                      topic=topic, body=body, body_json=body_json)
+                      topic=topic, body=body)
         self.events.append(event)
         return event
 

@@ -13,7 +13,6 @@ Installing famulus's core is enough to use this from another program::
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +29,7 @@ from famulus.ipc.protocol import (
     ProtocolError,
     decode_event,
     encode_request,
+    loads,
 )
 from famulus.ipc.security import apply_client_curve
 
@@ -63,8 +63,8 @@ def require_socket_file(endpoint: str) -> None:
 def _own_reply(frames: list[bytes], rid: str) -> dict[str, Any] | None:
     """Return the reply in `frames` if it is the reply to request `rid`, else None."""
     try:
-        reply = json.loads(frames[-1])
-    except ValueError:
+        reply = loads(frames[-1])
+    except (ValueError, RecursionError):
         return None
     if not isinstance(reply, dict):
         return None

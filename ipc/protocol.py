@@ -21,11 +21,12 @@ request gets one reply ``{"v": 1, "id": "...", "ok": true, "result": ...}`` or `
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 PROTOCOL_VERSION = 1
 
@@ -105,20 +106,47 @@ class ProtocolError(Exception):
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """Return a random UUID4 as 32 hexadecimal digits.
+
+    Built from os.urandom directly: uuid.uuid4() took 40 % of Tx.emit's time in a profile.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def dumps(obj: Any) -> bytes:
     """Encode `obj` as compact UTF-8 JSON.
 
-    A lone surrogate (from a request's JSON or a file name that is not valid UTF-8) cannot be
-    encoded as UTF-8; such a message falls back to ASCII JSON with \\u escapes.
+    orjson encodes about twice as fast as the json module and turns NaN and infinities into
+    null. What it refuses (a lone surrogate from a request's JSON or a file name that is not
+    valid UTF-8, integers past 64 bits, keys that are not strings) goes to the json module,
+    and a lone surrogate there to ASCII JSON with \\u escapes.
     """
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        pass
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON text: with orjson, about three times faster than the json module.
+
+    orjson rejects NaN and a lone surrogate in a \\u escape, which JSON from other programs may
+    contain, so those go to the json module. Text that is not JSON at all raises ValueError or
+    RecursionError. Integers past 64 bits come back as floats: a request that needs
+    an integer gets a `bad_params` reply for them.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 @dataclass(frozen=True)
@@ -131,25 +159,13 @@ class Event:
     ts: float
     topic: str
     body: dict[str, Any]
-    # The body as JSON text, when the event log already encoded it; saves a second encoding.
-    body_json: str | None = field(default=None, compare=False, repr=False)
 
     def envelope(self) -> dict[str, Any]:
         return {"v": PROTOCOL_VERSION, "seq": self.seq, "id": self.id, "cause": self.cause,
                 "ts": self.ts, "topic": self.topic, "body": self.body}
 
     def frames(self) -> list[bytes]:
-        topic = self.topic.encode("utf-8")
-        if self.body_json is None or not math.isfinite(self.ts):
-            return [topic, dumps(self.envelope())]
-        # The same JSON as dumps(self.envelope()), with the stored body text spliced in.
-        text = (f'{{"v":{PROTOCOL_VERSION},"seq":{int(self.seq)},"id":{json.dumps(self.id)},'
-                f'"cause":{json.dumps(self.cause)},"ts":{self.ts!r},'
-                f'"topic":{json.dumps(self.topic)},"body":{self.body_json}}}')
-        try:
-            return [topic, text.encode("utf-8")]
-        except UnicodeEncodeError:
-            return [topic, dumps(self.envelope())]
+        return [self.topic.encode("utf-8"), dumps(self.envelope())]
 
     @classmethod
     def from_envelope(cls, data: dict[str, Any]) -> Event:
@@ -165,9 +181,9 @@ def decode_event(frames: list[bytes]) -> Event:
     if len(frames) != 2:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"event has {len(frames)} frames, expected 2")
     try:
-        data = json.loads(frames[1])
+        data = loads(frames[1])
         event = Event.from_envelope(data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed event envelope: {exc}") from exc
     if event.topic.encode("utf-8") != frames[0]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "event topic frame and envelope disagree")
@@ -194,7 +210,7 @@ def decode_request(payload: bytes, max_bytes: int) -> Request:
         raise ProtocolError(ErrorCode.TOO_LARGE,
                             f"request of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
-        data = json.loads(payload)
+        data = loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"request is not UTF-8 JSON: {exc}") from exc
     except RecursionError:

@@ -1,14 +1,16 @@
 """The bus server: one thread owns the PUB, ROUTER and internal sockets.
 
 ZeroMQ sockets are not thread-safe, so other threads never touch these sockets. Committed
-events reach this thread over an inproc PUSH/PULL pair, and requests get their replies here. The
-loop blocks in `poll` with no timeout, so an idle daemon has no periodic wake-ups.
+events reach this thread through a queue, with an inproc PUSH/PULL pair as its doorbell, and
+requests get their replies here. The loop blocks in `poll` with no timeout, so an idle daemon
+has no periodic wake-ups.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,9 @@ class BusServer:
         self._local = threading.local()
         self._push_sockets: list[zmq.Socket[Any]] = []
         self._push_lock = threading.Lock()
+        # Batches of committed events for the server thread. Only the doorbell goes through
+        # ZeroMQ: an inproc message per event cost more than the publishing itself.
+        self._outbox: deque[list[Event]] = deque()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -113,11 +118,9 @@ class BusServer:
             self._local.push = sock
             with self._push_lock:
                 self._push_sockets.append(sock)
-        # One inproc message per batch, [topic, envelope, topic, envelope, ...]: a commit
-        # of many events costs one hand-over, not one per event.
-        frames = [frame for event in events for frame in event.frames()]
-        if frames:
-            sock.send_multipart(frames)
+        if events:
+            self._outbox.append(events)
+            sock.send(b"")
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._thread is None:
@@ -213,13 +216,16 @@ class BusServer:
                 sock.close()
 
     def _forward_events(self, pull: zmq.Socket[Any], pubs: list[zmq.Socket[Any]]) -> None:
+        # Doorbells first, then the queue: a batch queued after this drain rings again.
         while True:
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK)
+                pull.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            for index in range(0, len(frames) - 1, 2):
-                topic, envelope = frames[index], frames[index + 1]
+                break
+        sent = 0
+        while self._outbox:
+            for event in self._outbox.popleft():
+                topic, envelope = event.frames()
                 for pub in pubs:
                     try:
                         # The common case without a helper call: the event is in the queue.
@@ -227,7 +233,8 @@ class BusServer:
                         pub.send(envelope, zmq.NOBLOCK)
                     except zmq.Again:
                         self._send_event(pub, [topic, envelope])
-                self.stats["events"] += 1
+                sent += 1
+        self.stats["events"] += sent
 
     def _send_event(self, pub: zmq.Socket[Any], frames: list[bytes]) -> None:
         """Publish without ever blocking; count the event when a slow subscriber misses it.

@@ -88,7 +88,6 @@ def test_event_frames_match_plain_encoding(tmp_path: Path) -> None:
     body = {"path": "/tmp/Zürich \udc80.txt", "n": 1.5, "nested": {"a": [1, None, True]}}
     event = store.call(lambda tx: tx.emit("document.detected", body, cause="c1"))
     store.close()
-    assert event.body_json is not None
     topic, payload = event.frames()
     plain = Event(event.seq, event.id, event.cause, event.ts, event.topic, event.body)
     assert topic == b"document.detected"
