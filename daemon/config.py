@@ -55,6 +55,9 @@ class WatchSection:
         "(hidden files, partial downloads, office lock files, editor swap files).")
     max_file_bytes: int = _setting(
         50 * 1024 * 1024, "Files larger than this are recorded as too large, not read.", min=1)
+    poll_interval_s: float = _setting(
+        5.0, "Scan interval when the folders are polled because the inotify watch limit is "
+        "reached.", min=0.1)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,15 @@ so a file written in chunks yields one job after the last write. Names of partia
 lock files and editor temporaries are ignored. A rename acts on its destination, which covers
 a finished download renamed into place and an editor's atomic save. A scan at start catches up
 with files added, changed or deleted while the daemon was down.
+
+Changes come from inotify where it works. When the system's inotify watch limit is reached, the
+folders are polled instead, with a warning. A watched folder that is deleted is watched again,
+and scanned, once it is created anew.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import threading
@@ -18,6 +23,8 @@ from typing import ClassVar
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.polling import PollingObserver
 
 from famulus.plugins.api import PluginContext
 
@@ -27,6 +34,11 @@ BUILTIN_IGNORE = (
     "*.crdownload", "*.part", "*.partial", "*.download", "*.opdownload", "*.tmp", "*.temp",
     "~$*", ".~lock.*#", "*.swp", "*.swx", "*~", "#*#", "*.kate-swp", "4913",
 )
+
+
+# inotify_add_watch fails with ENOSPC at fs.inotify.max_user_watches and inotify_init with
+# EMFILE at fs.inotify.max_user_instances.
+WATCH_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)
 
 
 def is_ignored(name: str, extra: tuple[str, ...] = ()) -> bool:
@@ -54,9 +66,29 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        for raw in (event.src_path, getattr(event, "dest_path", "")):
-            if raw:
-                self.plugin.changed(os.fsdecode(raw), is_dir=event.is_directory)
+        # An exception here would end watchdog's dispatch thread, and with it all watching.
+        try:
+            for raw in (event.src_path, getattr(event, "dest_path", "")):
+                if raw:
+                    self.plugin.changed(os.fsdecode(raw), is_dir=event.is_directory)
+        except Exception:
+            self.plugin.ctx.logger.exception("handling a file system event failed: event=%s",
+                                             event.event_type)
+
+
+class _ParentHandler(FileSystemEventHandler):
+    """Watches the parent of a deleted watched folder for the folder's return."""
+
+    def __init__(self, plugin: FolderWatchPlugin) -> None:
+        self.plugin = plugin
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not (event.is_directory and event.event_type in ("created", "moved")):
+            return
+        try:
+            self.plugin.recheck_missing()
+        except Exception:
+            self.plugin.ctx.logger.exception("watching a recreated folder failed")
 
 
 class FolderWatchPlugin:
@@ -67,7 +99,13 @@ class FolderWatchPlugin:
     def __init__(self) -> None:
         self._pending = _Pending()
         self._stopping = threading.Event()
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._observer: BaseObserver | None = None
+        # Watches per watched folder, the folders deleted since, and the parent watches that
+        # wait for them. Changed by the observer's thread and by start, pause and stop.
+        self._roots_lock = threading.RLock()
+        self._root_watches: dict[Path, ObservedWatch] = {}
+        self._missing: set[Path] = set()
+        self._parent_watches: dict[Path, ObservedWatch] = {}
         self._thread: threading.Thread | None = None
         self._ctx: PluginContext | None = None
 
@@ -85,22 +123,88 @@ class FolderWatchPlugin:
 
     def _watch(self) -> None:
         """Start the observer, then scan each folder for what changed while unobserved."""
-        cfg = self.ctx.config.watch
-        observer = Observer()
-        for folder in self.ctx.config.watch_folders():
+        folders = self.ctx.config.watch_folders()
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-            observer.schedule(_Handler(self), str(folder), recursive=cfg.recursive)
-            self.ctx.logger.info("watching folder=%s recursive=%s", folder, cfg.recursive)
-        observer.start()
-        self._observer = observer
-        for folder in self.ctx.config.watch_folders():
+        try:
+            self._start_observer(Observer(), folders)
+        except OSError as exc:
+            if exc.errno not in WATCH_LIMIT_ERRNOS:
+                raise
+            interval = self.ctx.config.watch.poll_interval_s
+            self.ctx.logger.warning(
+                "inotify limit reached (%s): polling the watched folders every %.1f s instead. "
+                "Raise fs.inotify.max_user_watches with sysctl to get change events again.",
+                exc.strerror, interval)
+            self._start_observer(PollingObserver(timeout=interval), folders)
+        for folder in folders:
             self.reconcile(folder)
 
+    def _start_observer(self, observer: BaseObserver, folders: list[Path]) -> None:
+        recursive = self.ctx.config.watch.recursive
+        with self._roots_lock:
+            self._root_watches = {
+                folder: observer.schedule(_Handler(self), str(folder), recursive=recursive)
+                for folder in folders}
+            self._missing.clear()
+            self._parent_watches.clear()
+        try:
+            observer.start()
+        except OSError:
+            observer.stop()  # ends the emitters that did start
+            raise
+        self._observer = observer
+        for folder in folders:
+            self.ctx.logger.info("watching folder=%s recursive=%s observer=%s", folder,
+                                 recursive, type(observer).__name__)
+
+    def _root_lost(self, root: Path) -> None:
+        """Wait for a deleted watched folder to come back: its watch ended with it."""
+        observer = self._observer
+        if observer is None:
+            return
+        with self._roots_lock:
+            watch = self._root_watches.pop(root, None)
+            if watch is None:
+                return
+            observer.unschedule(watch)
+            self._missing.add(root)
+        self.ctx.logger.warning("watched folder deleted: folder=%s; it is watched again once "
+                                "it is created", root)
+        self.recheck_missing()
+
+    def recheck_missing(self) -> None:
+        """Watch again each deleted folder that is back, and the parents of the others."""
+        observer = self._observer
+        if observer is None:
+            return
+        with self._roots_lock:
+            back = []
+            for root in sorted(self._missing):
+                # The parent watch comes first, so a folder created right after the check
+                # below still produces an event.
+                parent = _nearest_existing(root.parent)
+                if parent not in self._parent_watches:
+                    self._parent_watches[parent] = observer.schedule(
+                        _ParentHandler(self), str(parent), recursive=False)
+                if root.is_dir():
+                    back.append(root)
+            for root in back:
+                self._missing.discard(root)
+                self._root_watches[root] = observer.schedule(
+                    _Handler(self), str(root), recursive=self.ctx.config.watch.recursive)
+            needed = {_nearest_existing(root.parent) for root in self._missing}
+            for parent in [p for p in self._parent_watches if p not in needed]:
+                observer.unschedule(self._parent_watches.pop(parent))
+        for root in back:
+            self.ctx.logger.info("watched folder is back: folder=%s", root)
+            self.reconcile(root)
+
     def _unwatch(self, timeout: float) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
-            self._observer = None
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout)
 
     def pause(self) -> None:
         """Stop observing; pending files are dropped and found again by the resume scan."""
@@ -132,6 +236,8 @@ class FolderWatchPlugin:
                     self._pending.touch(str(file))
             else:
                 self.ctx.file_removed(Path(path))
+                if Path(path) in self._root_watches:
+                    self._root_lost(Path(path))
             return
         self._pending.touch(path)
 
@@ -225,3 +331,9 @@ class FolderWatchPlugin:
                 return True
         except OSError:
             return False
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder

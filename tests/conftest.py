@@ -123,6 +123,8 @@ class DaemonHome:
         self.log: EventLog | None = None
         self.stderr_path = root / "daemon.log"
         self.model_path = model_path
+        # Put before `famulus run`, e.g. to start the daemon in its own user namespace.
+        self.prefix: list[str] = []
         self.write_config(**config)
 
     def write_config(self, quiet_period_s: float = 0.4, max_new_tokens: int = 48,
@@ -143,7 +145,7 @@ class DaemonHome:
 
     def start(self, wait_model: bool = True) -> subprocess.Popen[bytes]:
         with self.stderr_path.open("ab") as log:
-            proc = subprocess.Popen(self.command("run"), env=self.env, stderr=log,
+            proc = subprocess.Popen(self.prefix + self.command("run"), env=self.env, stderr=log,
                                     stdout=subprocess.DEVNULL)
         self.proc = proc
         client = self.client()
