@@ -1,0 +1,86 @@
+"""Faults: the daemon killed with SIGKILL again and again, the model host killed mid-generation."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from famulus.ipc.protocol import Topic
+from tests.conftest import CORPUS, DaemonHome, processes_with_home, wait_for, wait_for_none
+from tests.reliability.harness import (
+    FAST_CONFIG,
+    FAST_MAX_NEW_TOKENS,
+    drop_notes,
+    ledger,
+    summarized_count,
+)
+
+FILES = 200
+KILLS = 10
+RUN_TIMEOUT_S = 10 + FILES * 1.5
+
+
+def test_repeated_kill9_summarizes_each_file_once(daemon_home: DaemonHome) -> None:
+    daemon_home.write_config(max_new_tokens=FAST_MAX_NEW_TOKENS, extra=FAST_CONFIG)
+    # Fixed seed: a failure can be replayed with the same kill points.
+    rng = random.Random(8)
+    paths: list[Path] = []
+    kills_with_work_left = 0
+    for round_ in range(KILLS):
+        proc = daemon_home.start(wait_model=False)
+        if round_ == 0:
+            paths = drop_notes(daemon_home.inbox, FILES)
+        # Random points: during the start-up scan, the model load, a generation or a commit.
+        done_before = summarized_count(daemon_home.database)
+        # The delay is the kill point itself, not a wait for some state.
+        time.sleep(rng.uniform(0.3, 4.0))
+        assert proc.poll() is None, "the daemon exited before it was killed"
+        if summarized_count(daemon_home.database) < FILES:
+            kills_with_work_left += 1
+        daemon_home.stop(signal.SIGKILL)
+        # The model host notices its parent is gone and exits by itself.
+        leftovers = wait_for_none(lambda: processes_with_home(daemon_home.root), 15)
+        assert leftovers == [], f"processes left after kill {round_ + 1}: {leftovers}"
+        assert summarized_count(daemon_home.database) >= done_before
+
+    daemon_home.start(wait_model=False)
+    wait_for(lambda: summarized_count(daemon_home.database) >= FILES, RUN_TIMEOUT_S,
+             f"{FILES} summaries after {KILLS} kills")
+    result = ledger(daemon_home.database, paths)
+    assert kills_with_work_left >= KILLS // 2, "the run ended before most kills"
+    assert result.missing == []
+    assert result.duplicate_summaries == []
+    assert result.duplicate_events == []
+    assert result.states == {"summarized": FILES}
+    assert result.jobs_unfinished == 0
+    assert result.jobs_failed == 0
+    assert result.integrity == "ok"
+
+
+def test_model_host_kill9_mid_generation_recovers(daemon_home: DaemonHome) -> None:
+    daemon_home.write_config(max_new_tokens=400)
+    daemon_home.start()
+    first_host = daemon_home.status()["model"]["pid"]
+    with daemon_home.client() as client:
+        job = client.call("summarize", {"text": (CORPUS / "documents" / "crazy-ones.txt")
+                                        .read_text(encoding="utf-8") * 3, "stream": True})["job"]
+    assert daemon_home.log is not None
+    daemon_home.log.wait(lambda e: e.topic == Topic.JOB_TOKEN and e.body["job"] == job, 120,
+                         "the first tokens")
+    os.kill(first_host, signal.SIGKILL)
+
+    done = daemon_home.log.wait(
+        lambda e: e.topic in (Topic.JOB_DONE, Topic.JOB_FAILED) and e.body["job"] == job,
+        180, "the job to end")
+    assert done.topic == Topic.JOB_DONE
+    status = daemon_home.status()
+    assert status["state"] == "running"
+    assert status["model"]["restarts"] >= 1
+    assert status["model"]["pid"] != first_host
+    rows = daemon_home.rows("SELECT state, attempts FROM jobs WHERE id = ?", (job,))
+    assert rows[0]["state"] == "done"
+    assert rows[0]["attempts"] == 2
+    assert len(daemon_home.log.matching(Topic.JOB_DONE, job=job)) == 1
