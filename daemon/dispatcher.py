@@ -36,10 +36,14 @@ from famulus.daemon.model.supervisor import (
     ModelError,
     ModelHost,
 )
-from famulus.daemon.store import Store, Tx
+from famulus.daemon.store import StorageFull, Store, Tx
 from famulus.ipc.protocol import Topic
 
 logger = logging.getLogger(__name__)
+
+# How often a write is tried again while the disk is full, in seconds. Only then does the
+# dispatcher wake up without a reason.
+STORAGE_RETRY_S = 5.0
 
 
 class PermanentFailure(Exception):
@@ -105,6 +109,9 @@ class Dispatcher:
                 self._pending_wake = False
             try:
                 job = self.store.call(journal.claim_next)
+            except StorageFull:
+                self._stopping.wait(STORAGE_RETRY_S)  # the store has logged why
+                continue
             except Exception:
                 logger.exception("claiming the next job failed")
                 job = None
@@ -116,6 +123,8 @@ class Dispatcher:
             self.current_job = job.id
             try:
                 self._run_job(job)
+            except StorageFull:
+                self._requeue_when_writable(job)
             except Exception as exc:
                 # A bug must cost one job, not the dispatcher thread.
                 logger.exception("job failed with an internal error: job=%d", job.id)
@@ -125,6 +134,21 @@ class Dispatcher:
             finally:
                 self.current_job = None
             self._log_backlog()
+
+    def _requeue_when_writable(self, job: Job) -> None:
+        """Queue a job again once its result could not be recorded for lack of disk space.
+
+        The job stays `running` in the database meanwhile, so a restart also queues it again.
+        """
+        while not self._stopping.is_set():
+            try:
+                self.store.call(lambda tx: journal.requeue(tx, job, "disk full",
+                                                           count_attempt=False))
+            except StorageFull:
+                self._stopping.wait(STORAGE_RETRY_S)
+                continue
+            logger.info("job queued again after the disk was full: job=%d", job.id)
+            return
 
     def _log_backlog(self) -> None:
         """Log the queue depth after each job, so a long backlog shows its progress."""

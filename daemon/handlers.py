@@ -48,7 +48,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
 
         Params: none. Result: {"state", "pid", "version", "uptime_s", "model": {...},
         "jobs": {state: n}, "documents": {state: n}, "current_job", "last_seq",
-        "watch_folders", "bus": {...}}.
+        "watch_folders", "storage_full", "bus": {...}}.
         """
         conn = store.read()
         first, last = conn.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
@@ -59,6 +59,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 "current_job": daemon.dispatcher.current_job if daemon.dispatcher else None,
                 "first_seq": first or 0, "last_seq": last, "paused": daemon.paused,
                 "watch_folders": [str(f) for f in daemon.config.watch_folders()],
+                "storage_full": store.full,
                 "bus": dict(daemon.bus.stats) if daemon.bus else {}}
 
     def summarize(request: Request) -> dict[str, Any]:

@@ -28,11 +28,11 @@ from famulus.daemon.journal import recover_interrupted
 from famulus.daemon.model.registry import ModelNotFound, resolve
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
-from famulus.daemon.store import Store
+from famulus.daemon.store import StorageFull, Store
 from famulus.ipc.protocol import Topic
 from famulus.ipc.security import KeyStore
 from famulus.ipc.server import BusServer, TcpEndpoints
-from famulus.plugins.api import ENTRY_POINT_GROUP, Plugin
+from famulus.plugins.api import ENTRY_POINT_GROUP, Plugin, TryLater
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,11 @@ class PluginHost:
             info = FileInfo.of(path)
         except OSError:
             return None
-        job = self._daemon.store.call(lambda tx: documents.submit_file(tx, info, cause=cause))
+        try:
+            job = self._daemon.store.call(
+                lambda tx: documents.submit_file(tx, info, cause=cause))
+        except StorageFull as exc:
+            raise TryLater(str(exc)) from exc
         self._daemon.wake_dispatcher()
         return job
 

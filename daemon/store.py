@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
@@ -164,6 +165,31 @@ def migrate(conn: sqlite3.Connection) -> int:
 _STOP = object()
 
 
+class StorageFull(Exception):
+    """The disk with the database is full: nothing can be recorded until space is freed."""
+
+    def __init__(self, path: Path) -> None:
+        free = _free_bytes(path.parent)
+        super().__init__(
+            f"the disk with {path} is full ({free} bytes free): famulus records nothing "
+            "until space is freed there. Delete files on that disk, or set XDG_DATA_HOME to a "
+            "folder on another disk and restart famulus.")
+        self.path = path
+        self.free_bytes = free
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
+
+
 class Store:
     """Owns the database file: the writer thread and a read connection per thread."""
 
@@ -174,6 +200,8 @@ class Store:
         self._local = threading.local()
         self._closed = False
         self.on_commit: Callable[[list[Event]], None] | None = None
+        # True from a write that failed for lack of disk space until the next commit.
+        self.full = False
         conn = connect(path)
         migrate(conn)
         self._thread = threading.Thread(target=self._run, args=(conn,), name="store-writer",
@@ -232,9 +260,19 @@ class Store:
                 conn.execute("COMMIT")
             except BaseException as exc:  # handed to the caller through the future
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        # The writer thread must live on; SQLite rolls back by itself on
+                        # the next BEGIN when the journal is still there.
+                        logger.exception("rolling back a failed transaction failed")
+                if _is_full(exc):
+                    exc = self._storage_full(exc)
                 future.set_exception(exc)
                 continue
+            if self.full:
+                self.full = False
+                logger.info("disk space is available again: database=%s", self.path)
             future.set_result(result)
             if tx.events and self.on_commit is not None:
                 try:
@@ -242,3 +280,12 @@ class Store:
                 except Exception:
                     logger.exception("publishing %d committed events failed", len(tx.events))
         conn.close()
+
+    def _storage_full(self, cause: BaseException) -> StorageFull:
+        full = StorageFull(self.path)
+        full.__cause__ = cause
+        if not self.full:
+            # Once per episode: every write fails until space returns.
+            logger.error("%s", full)
+            self.full = True
+        return full

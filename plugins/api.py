@@ -15,6 +15,13 @@ from famulus.daemon.config import Config
 ENTRY_POINT_GROUP = "famulus.plugins"
 
 
+class TryLater(Exception):
+    """The daemon cannot take the request now (for example, its disk is full).
+
+    The reason is logged by the daemon; the plugin offers the same item again later.
+    """
+
+
 class PluginContext(Protocol):
     """The operations a running plugin may use."""
 
@@ -23,7 +30,10 @@ class PluginContext(Protocol):
     data_dir: Path
 
     def submit_file(self, path: Path, cause: str | None = None) -> int | None:
-        """Queue a summary of a new or changed file; return the job id, None if unchanged."""
+        """Queue a summary of a new or changed file; return the job id, None if unchanged.
+
+        Raises TryLater when the daemon cannot record it now.
+        """
         ...
 
     def file_removed(self, path: Path) -> None:

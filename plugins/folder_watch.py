@@ -26,7 +26,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from famulus.plugins.api import PluginContext
+from famulus.plugins.api import PluginContext, TryLater
 
 # Matched against the file name only, case-insensitively.
 BUILTIN_IGNORE = (
@@ -314,7 +314,11 @@ class FolderWatchPlugin:
             return
         if not self._drop(path, seen, changed_at):
             return  # a newer change arrived meanwhile; wait for it to settle
-        self.ctx.submit_file(Path(path))
+        try:
+            self.ctx.submit_file(Path(path))
+        except TryLater:
+            # Offered again after another quiet period; the daemon has logged why.
+            self._pending.touch(path)
 
     def _drop(self, path: str, seen: tuple[int, int] | None, changed_at: float) -> bool:
         """Remove `path` from the pending set unless it changed since it was read."""

@@ -60,7 +60,7 @@ def summarized_count(database: Path) -> int:
 
 @dataclass
 class Ledger:
-    """What the store says happened to a set of files."""
+    """What the store recorded for a set of files."""
 
     files: int
     summarized: int
