@@ -61,6 +61,16 @@ class WatchSection:
 
 
 @dataclass(frozen=True)
+class ExtractSection:
+    timeout_s: float = _setting(
+        60.0, "Time limit of taking the text out of one file; a file that takes longer is "
+        "recorded as failed with reason `timeout`.", min=1.0)
+    max_memory_bytes: int = _setting(
+        1024 * 1024 * 1024, "Address-space limit of the extraction child process; a file "
+        "that needs more is recorded as failed with reason `memory`.", min=256 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str = _setting(DEFAULT_MODEL, "Registered model used for summaries "
                          "(`famulus model pull` registers the default one).")
@@ -133,6 +143,7 @@ class BusSection:
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
     model: ModelSection = field(default_factory=ModelSection)
     grounding: GroundingSection = field(default_factory=GroundingSection)
     jobs: JobsSection = field(default_factory=JobsSection)

@@ -18,7 +18,8 @@ from typing import Any
 from famulus.daemon import documents, journal
 from famulus.daemon.config import Config
 from famulus.daemon.documents import DocState, FileInfo, Outcome
-from famulus.daemon.extract import ExtractionError, extract_text
+from famulus.daemon.extract import ExtractionError
+from famulus.daemon.extract.sandbox import ExtractionSandbox
 from famulus.daemon.grounding.policy import Action, ground, unchecked
 from famulus.daemon.journal import Job, JobKind
 from famulus.daemon.model.registry import sha256_of
@@ -67,6 +68,8 @@ class Dispatcher:
         self._wake = threading.Condition()
         self._pending_wake = False
         self._stopping = threading.Event()
+        self.extractor = ExtractionSandbox(timeout_s=config.extract.timeout_s,
+                                           memory_bytes=config.extract.max_memory_bytes)
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     # -- control ----------------------------------------------------------------------------
@@ -98,6 +101,7 @@ class Dispatcher:
         if self._thread.is_alive():
             busy = f"job={self.current_job}" if self.current_job else "loading the model"
             logger.warning("dispatcher still busy after %.1f s (%s)", timeout, busy)
+        self.extractor.close()
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -280,7 +284,7 @@ class Dispatcher:
                 reused_from=earlier["document_id"]))
             return
         try:
-            extracted = extract_text(path, max_bytes=self.config.watch.max_file_bytes)
+            extracted = self.extractor.extract(path, max_bytes=self.config.watch.max_file_bytes)
         except ExtractionError as exc:
             if exc.permanent:
                 raise PermanentFailure(exc.reason, str(exc)) from exc

@@ -24,6 +24,10 @@ REASONS = frozenset(
         "unreadable",
         "no_text",
         "invalid_docx",
+        # Set by the extraction sandbox, which runs the parsers in a child process.
+        "timeout",
+        "memory",
+        "crashed",
     }
 )
 

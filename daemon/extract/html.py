@@ -69,7 +69,8 @@ def extract_html(path: pathlib.Path, data: bytes) -> tuple[str, list[str]]:
         markup, notes = _decode_by_meta_charset(data)
 
     # NOTE: html.parser in CPython 3.11.7 takes time quadratic in the input length on some
-    # malformed markup, such as thousands of unclosed "<a " start tags.
+    # malformed markup, such as thousands of unclosed "<a " start tags. The extraction
+    # sandbox's time limit (extract.timeout_s) stops such a file.
     parser = _ArticleTextParser()
     try:
         parser.feed(markup)

@@ -8,7 +8,7 @@ import struct
 import zlib
 
 from pypdf import PasswordType, PdfReader
-from pypdf.errors import DependencyError, PyPdfError
+from pypdf.errors import DependencyError, LimitReachedError, PyPdfError
 
 from . import ExtractionError
 
@@ -54,6 +54,15 @@ def extract_pdf(path: pathlib.Path, data: bytes) -> tuple[str, int, list[str]]:
             f"{path} needs an optional pypdf dependency that is not installed ({err}); "
             "save an unencrypted copy or ask for that package to be installed",
         ) from err
+    except LimitReachedError as err:
+        # pypdf stops inflating a stream at its own output limits (75 MB for zlib in
+        # pypdf 7): a small file that inflates past them is a decompression bomb or a
+        # drawing too large to read.
+        raise ExtractionError(
+            "too_large",
+            f"{path} has a stream that inflates past pypdf's limit ({err}); famulus does "
+            "not extract it",
+        ) from err
     except _MALFORMED_PDF_ERRORS as err:
         raise _corrupt(path, err) from err
 
@@ -78,6 +87,8 @@ def _extract_pages(path: pathlib.Path, data: bytes) -> tuple[str, int, list[str]
     for index, page in enumerate(reader.pages):
         try:
             texts.append(page.extract_text())
+        except LimitReachedError:
+            raise  # the whole file is refused, not one page
         except _MALFORMED_PDF_ERRORS as err:
             first_error = first_error or err
             notes.append(
