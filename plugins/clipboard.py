@@ -1,0 +1,545 @@
+"""The clipboard plugin: new clipboard text runs the configured actions as clipboard jobs.
+
+Changes are detected from events where the platform sends them and by polling otherwise:
+
+- X11: XFixes selection-owner events (python-xlib); the text is read as UTF8_STRING.
+- Wayland: `wl-paste --watch` (wl-clipboard).
+- Elsewhere, or when `backend = "poll"`: `xclip` or `wl-paste` every `poll_interval_s`.
+
+Privacy rules, applied before anything is stored:
+
+- Text that a password manager marks as secret (the `x-kde-passwordManagerHint` target with
+  the value `secret`) is never read past that mark, passed to an action, stored, logged or
+  published. Only the fact that a secret was skipped is logged.
+- Deny patterns, an application deny list (matched against the owner window's WM_CLASS on
+  X11), and minimum and maximum sizes skip text with a `clipboard.skipped` event that carries
+  the reason and the length, never the text.
+- While paused, changes are not read at all.
+- Logs carry lengths and hash prefixes, never clipboard text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from famulus.daemon.config import ConfigError, setting
+from famulus.ipc.protocol import Topic
+from famulus.plugins.api import PluginContext
+
+PASSWORD_HINT = "x-kde-passwordManagerHint"
+ACTIONS = ("summarize", "explain", "translate")
+# Longest wait for the clipboard owner to answer one conversion request.
+CONVERT_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class ClipboardSettings:
+    backend: str = setting(
+        "auto", "How changes are detected: auto (X11 events, Wayland events, else polling), "
+        "x11, wayland or poll.", choices=("auto", "x11", "wayland", "poll"))
+    poll_interval_s: float = setting(
+        1.0, "Interval of the polling backend.", min=0.1)
+    actions: tuple[str, ...] = setting(
+        ["summarize"], "Actions run on new clipboard text: summarize, explain, translate.",
+        choices=ACTIONS)
+    summarize_min_chars: int = setting(
+        400, "The summarize action runs only on text at least this long.", min=1)
+    summarize_prompt: str = setting(
+        "Summarize the following text in two or three sentences. Use only facts from the "
+        "text.", "Instruction placed before the clipboard text for the summarize action.")
+    explain_prompt: str = setting(
+        "Explain the following text in simple words.",
+        "Instruction placed before the clipboard text for the explain action.")
+    translate_prompt: str = setting(
+        "Translate the following text into {language}. Reply with the translation only.",
+        "Instruction for the translate action; {language} is replaced by translate_language.")
+    translate_language: str = setting("English", "Target language of the translate action.")
+    min_chars: int = setting(
+        20, "Shorter text is skipped (single words, numbers, paths).", min=1)
+    max_chars: int = setting(
+        20000, "Longer text is skipped without being processed.", min=1)
+    deny_patterns: tuple[str, ...] = setting(
+        [r"-----BEGIN [A-Z ]*PRIVATE KEY-----"],
+        "Regular expressions (Python syntax); text that matches any of them is skipped.")
+    deny_apps: tuple[str, ...] = setting(
+        ["keepassxc", "keepass2", "1password", "bitwarden", "org.gnome.seahorse"],
+        "Applications whose clipboard text is skipped, matched case-insensitively against "
+        "the owner's WM_CLASS (X11 only; other platforms do not report the owner).")
+    retention_days: float = setting(
+        7.0, "Clipboard results older than this are deleted by the retention purge.",
+        min=0.0)
+    max_results: int = setting(
+        500, "Only this many of the newest clipboard results are kept.", min=1)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One clipboard change as a watcher read it."""
+
+    text: str | None
+    secret: bool = False
+    # The owner's WM_CLASS names, when the platform reports them.
+    owner: tuple[str, ...] = ()
+    # Set when the text was not read because it exceeds the maximum (X11 INCR transfers).
+    oversized: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: str | None
+    chars: int = 0
+    sha256: str = ""
+
+
+def check_offer(offer: Offer, settings: ClipboardSettings,
+                patterns: list[re.Pattern[str]]) -> Decision:
+    """Decide whether a clipboard change is processed; `reason` says why not."""
+    if offer.secret:
+        return Decision("secret")
+    denied = {a.lower() for a in settings.deny_apps}
+    if any(name.lower() in denied for name in offer.owner):
+        return Decision("denied_app")
+    if offer.oversized:
+        return Decision("too_large")
+    text = offer.text
+    if text is None or not text.strip():
+        return Decision("empty")
+    chars = len(text)
+    if chars < settings.min_chars:
+        return Decision("too_small", chars)
+    if chars > settings.max_chars:
+        return Decision("too_large", chars)
+    if any(p.search(text) for p in patterns):
+        return Decision("denied_pattern", chars)
+    return Decision(None, chars, hashlib.sha256(text.encode("utf-8", "replace")).hexdigest())
+
+
+def compile_patterns(settings: ClipboardSettings) -> list[re.Pattern[str]]:
+    out = []
+    for pattern in settings.deny_patterns:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as exc:
+            raise ConfigError(f"invalid value {pattern!r} in plugins.clipboard.deny_patterns: "
+                              f"{exc}; write a Python regular expression") from None
+    return out
+
+
+class ClipboardPlugin:
+    """Watches the clipboard and queues the configured actions on new text."""
+
+    name: ClassVar[str] = "clipboard"
+    config_schema: ClassVar[type] = ClipboardSettings
+    needs_desktop: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._ctx: PluginContext | None = None
+        self._settings = ClipboardSettings()
+        self._patterns: list[re.Pattern[str]] = []
+        self._paused = threading.Event()
+        self._stopping = threading.Event()
+        self._watcher: Watcher | None = None
+        self._thread: threading.Thread | None = None
+        self._last_sha256 = ""
+        self._pause_logged = False
+        self.backend = "none"
+
+    def start(self, context: PluginContext) -> None:
+        self._ctx = context
+        self._settings = context.settings
+        self._patterns = compile_patterns(self._settings)
+        watcher = choose_watcher(self._settings, self._offer, self._wanted,
+                                 context.logger.warning)
+        if watcher is None:
+            context.logger.warning("no clipboard found (DISPLAY and WAYLAND_DISPLAY unset, "
+                                   "or no xclip/wl-paste); the clipboard plugin stays idle")
+            return
+        self._watcher = watcher
+        self.backend = watcher.kind
+        context.logger.info("watching the clipboard: backend=%s actions=%s", watcher.kind,
+                            ",".join(self._settings.actions) or "none")
+        self._thread = context.spawn(watcher.run, "watch")
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def pause(self) -> None:
+        self._paused.set()
+        if self._ctx is not None:
+            self._ctx.logger.info("clipboard watching paused")
+
+    def resume(self) -> None:
+        self._pause_logged = False
+        self._paused.clear()
+        if self._ctx is not None:
+            self._ctx.logger.info("clipboard watching resumed")
+
+    def _wanted(self) -> bool:
+        """Tell the watcher whether to read a change at all."""
+        if self._stopping.is_set():
+            return False
+        if self._paused.is_set():
+            # Logged once per pause: the polling backend asks at every interval.
+            if self._ctx is not None and not self._pause_logged:
+                self._pause_logged = True
+                self._ctx.logger.info("clipboard change not read: paused")
+            return False
+        return True
+
+    def _offer(self, offer: Offer) -> None:
+        assert self._ctx is not None
+        ctx = self._ctx
+        if self._paused.is_set() or self._stopping.is_set():
+            return
+        decision = check_offer(offer, self._settings, self._patterns)
+        if decision.reason == "secret":
+            # Nothing about a secret goes further than this line: no length, no hash, no event.
+            ctx.logger.info("clipboard change skipped: reason=secret")
+            return
+        if decision.reason == "empty":
+            return
+        if decision.reason is not None:
+            ctx.logger.info("clipboard change skipped: reason=%s chars=%d", decision.reason,
+                            decision.chars)
+            ctx.publish(Topic.CLIPBOARD_SKIPPED, {"reason": decision.reason,
+                                                  "chars": decision.chars})
+            return
+        if decision.sha256 == self._last_sha256:
+            return  # the same text again (a re-copy, or an owner change with equal text)
+        self._last_sha256 = decision.sha256
+        assert offer.text is not None
+        queued = []
+        for action in self._settings.actions:
+            if action == "summarize" and decision.chars < self._settings.summarize_min_chars:
+                continue
+            job = ctx.submit_job("clipboard.action", {
+                "action": action, "text": offer.text, "prompt": self._prompt(action),
+                "language": self._settings.translate_language, "sha256": decision.sha256,
+                "max_results": self._settings.max_results}, lane="clipboard")
+            queued.append(f"{action}:{job}")
+        ctx.logger.info("clipboard change: chars=%d sha256=%s jobs=%s", decision.chars,
+                        decision.sha256[:12], ",".join(queued) or "none")
+
+    def _prompt(self, action: str) -> str:
+        s = self._settings
+        return {"summarize": s.summarize_prompt, "explain": s.explain_prompt,
+                "translate": s.translate_prompt}[action]
+
+
+# -- watchers ------------------------------------------------------------------------------
+
+OfferCallback = Callable[[Offer], None]
+WantedCallback = Callable[[], bool]
+
+
+class Watcher:
+    kind = "none"
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def choose_watcher(settings: ClipboardSettings, on_offer: OfferCallback,
+                   wanted: WantedCallback, warn: Callable[..., None]) -> Watcher | None:
+    """Pick the backend: events where the platform sends them, polling otherwise."""
+    backend = settings.backend
+    display = os.environ.get("DISPLAY")
+    wayland = os.environ.get("WAYLAND_DISPLAY")
+    if backend in ("auto", "wayland") and wayland and shutil.which("wl-paste"):
+        return WaylandWatcher(on_offer, wanted, settings.max_chars)
+    if backend in ("auto", "x11") and display:
+        try:
+            return X11Watcher(display, on_offer, wanted, settings.max_chars)
+        except Exception as exc:  # python-xlib missing, or no XFixes: poll instead
+            warn("X11 clipboard events unavailable (%s: %s); polling instead",
+                 type(exc).__name__, exc)
+    # TODO: Windows (GetClipboardSequenceNumber, skipping ExcludeClipboardContentFromMonitor
+    # Processing and CanIncludeInClipboardHistory = 0) and macOS (NSPasteboard changeCount,
+    # skipping the concealed and transient types) are not implemented yet.
+    command = poll_commands(display, wayland)
+    if command is None:
+        return None
+    return PollWatcher(command, on_offer, wanted, settings.max_chars,
+                       settings.poll_interval_s)
+
+
+class X11Watcher(Watcher):
+    """Event-driven: XFixes sends an event each time the CLIPBOARD selection changes owner."""
+
+    kind = "x11"
+
+    def __init__(self, display_name: str, on_offer: OfferCallback, wanted: WantedCallback,
+                 max_chars: int) -> None:
+        from Xlib import X, display
+        from Xlib.ext import xfixes
+
+        self._X = X
+        self._on_offer = on_offer
+        self._wanted = wanted
+        self._max_chars = max_chars
+        self._display = display.Display(display_name)
+        if not self._display.has_extension("XFIXES"):
+            self._display.close()
+            raise RuntimeError(f"the X server at {display_name} lacks the XFIXES extension")
+        self._display.xfixes_query_version()
+        screen = self._display.screen()
+        self._window = screen.root.create_window(0, 0, 1, 1, 0, X.CopyFromParent,
+                                                 X.InputOnly, X.CopyFromParent)
+        atom = self._display.intern_atom
+        self._clipboard = atom("CLIPBOARD")
+        self._targets = atom("TARGETS")
+        self._utf8 = atom("UTF8_STRING")
+        self._hint = atom(PASSWORD_HINT)
+        self._incr = atom("INCR")
+        self._property = atom("FAMULUS_CLIPBOARD")
+        self._display.xfixes_select_selection_input(
+            self._window, self._clipboard, xfixes.XFixesSetSelectionOwnerNotifyMask)
+        self._display.flush()
+        self._wake_read, self._wake_write = os.pipe()
+        self._owner_event = self._display.extension_event.SetSelectionOwnerNotify
+        self._changed = False
+
+    def stop(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            self._changed = True  # read what is on the clipboard at start
+            while True:
+                if self._changed:
+                    self._changed = False
+                    if self._wanted():
+                        self._on_offer(self._read())
+                if not self._wait(None):
+                    return
+                self._drain()
+        finally:
+            self._display.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Block until X sends something; return False when stop() was called."""
+        if self._display.pending_events():
+            return True
+        ready, _, _ = select.select([self._display.fileno(), self._wake_read], [], [], timeout)
+        return self._wake_read not in ready
+
+    def _drain(self) -> None:
+        for _ in range(self._display.pending_events()):
+            event = self._display.next_event()
+            if self._is_owner_change(event):
+                self._changed = True
+
+    def _is_owner_change(self, event: Any) -> bool:
+        code, sub_code = self._owner_event
+        return bool(event.type == code and getattr(event, "sub_code", None) == sub_code
+                    and event.selection == self._clipboard)
+
+    def _read(self) -> Offer:
+        owner = self._owner_classes()
+        targets = self._convert(self._targets)
+        names: set[str] = set()
+        if isinstance(targets, list):
+            names = {self._display.get_atom_name(a) for a in targets}
+        if PASSWORD_HINT in names:
+            hint = self._convert(self._hint)
+            if isinstance(hint, bytes) and hint.strip() == b"secret":
+                return Offer(None, secret=True, owner=owner)
+        data = self._convert(self._utf8)
+        if data == "incr":
+            return Offer(None, owner=owner, oversized=True)
+        if not isinstance(data, bytes):
+            return Offer(None, owner=owner)
+        return Offer(data.decode("utf-8", "replace"), owner=owner)
+
+    def _owner_classes(self) -> tuple[str, ...]:
+        from Xlib.error import XError
+
+        try:
+            owner = self._display.get_selection_owner(self._clipboard)
+            if owner == self._X.NONE:
+                return ()
+            wm_class = owner.get_wm_class()
+        except XError:
+            return ()
+        return tuple(wm_class) if wm_class else ()
+
+    def _convert(self, target: int) -> bytes | list[int] | str | None:
+        """Ask the owner for `target` and return its value (None when refused or late)."""
+        X = self._X
+        self._window.convert_selection(self._clipboard, target, self._property, X.CurrentTime)
+        self._display.flush()
+        deadline = time.monotonic() + CONVERT_TIMEOUT_S
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._wait(remaining):
+                return None
+            for _ in range(self._display.pending_events()):
+                event = self._display.next_event()
+                if self._is_owner_change(event):
+                    self._changed = True
+                elif event.type == X.SelectionNotify and event.requestor == self._window:
+                    return self._take_property(event.property)
+        return None
+
+    def _take_property(self, prop: int) -> bytes | list[int] | str | None:
+        if prop == self._X.NONE:
+            return None
+        reply = self._window.get_full_property(self._property, self._X.AnyPropertyType,
+                                               sizehint=self._max_chars * 4 + 1)
+        self._window.delete_property(self._property)
+        self._display.flush()
+        if reply is None:
+            return None
+        if reply.property_type == self._incr:
+            # The owner sends large data in increments; such text is over any sane maximum.
+            return "incr"
+        if reply.format == 32:
+            return list(reply.value)
+        value = reply.value
+        return value if isinstance(value, bytes) else bytes(value)
+
+
+class WaylandWatcher(Watcher):
+    """Event-driven on Wayland: `wl-paste --watch` runs a command on each change.
+
+    wl-paste (wl-clipboard 2.2 and later) sets CLIPBOARD_STATE to `sensitive` for text marked
+    with the password-manager hint; such a change is not read.
+    """
+
+    kind = "wayland"
+
+    # NOTE: not run in the tests, which have an X server (Xvfb) but no Wayland compositor.
+    def __init__(self, on_offer: OfferCallback, wanted: WantedCallback, max_chars: int) -> None:
+        self._on_offer = on_offer
+        self._wanted = wanted
+        self._max_chars = max_chars
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> None:
+        self._proc = subprocess.Popen(
+            ["wl-paste", "--watch", "sh", "-c", 'echo "${CLIPBOARD_STATE:-data}"'],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            state = line.strip().decode("ascii", "replace")
+            if not self._wanted() or state in ("nil", "clear"):
+                continue
+            if state == "sensitive":
+                self._on_offer(Offer(None, secret=True))
+                continue
+            types = _run(["wl-paste", "--list-types"], 4096)
+            if types is not None and PASSWORD_HINT in types.decode("utf-8", "replace"):
+                hint = _run(["wl-paste", "-n", "-t", PASSWORD_HINT], 64)
+                if hint is not None and hint.strip() == b"secret":
+                    self._on_offer(Offer(None, secret=True))
+                    continue
+            self._on_offer(_read_text(["wl-paste", "-n", "-t", "text/plain;charset=utf-8"],
+                                      self._max_chars))
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
+
+class PollWatcher(Watcher):
+    """Reads the clipboard every interval through a command and reports changed text."""
+
+    kind = "poll"
+
+    def __init__(self, commands: dict[str, list[str]], on_offer: OfferCallback,
+                 wanted: WantedCallback, max_chars: int, interval_s: float) -> None:
+        self._commands = commands
+        self._on_offer = on_offer
+        self._wanted = wanted
+        self._max_chars = max_chars
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._last: tuple[bool, str] | None = None
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            if self._wanted():
+                self._poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        targets = _run(self._commands["targets"], 65536)
+        if targets is not None and PASSWORD_HINT.encode() in targets:
+            hint = _run(self._commands["hint"], 64)
+            if hint is not None and hint.strip() == b"secret":
+                self._report(Offer(None, secret=True), "")
+                return
+        offer = _read_text(self._commands["text"], self._max_chars)
+        digest = hashlib.sha256((offer.text or "").encode("utf-8", "replace")).hexdigest()
+        self._report(offer, digest)
+
+    def _report(self, offer: Offer, digest: str) -> None:
+        # Polling sees the same content over and over; only a change is reported.
+        key = (offer.secret, digest)
+        if key != self._last:
+            self._last = key
+            self._on_offer(offer)
+
+
+def poll_commands(display: str | None, wayland: str | None) -> dict[str, list[str]] | None:
+    if wayland and shutil.which("wl-paste"):
+        return {"targets": ["wl-paste", "--list-types"],
+                "hint": ["wl-paste", "-n", "-t", PASSWORD_HINT],
+                "text": ["wl-paste", "-n", "-t", "text/plain;charset=utf-8"]}
+    if display and shutil.which("xclip"):
+        base = ["xclip", "-selection", "clipboard", "-o", "-t"]
+        return {"targets": [*base, "TARGETS"], "hint": [*base, PASSWORD_HINT],
+                "text": [*base, "UTF8_STRING"]}
+    return None
+
+
+def _run(command: list[str], limit: int) -> bytes | None:
+    """Run a clipboard command and return up to `limit` bytes of its output, None on error."""
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL)
+    except OSError:
+        return None
+    assert proc.stdout is not None
+    try:
+        data = proc.stdout.read(limit)
+    finally:
+        proc.stdout.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return data if proc.returncode in (0, -9) else None
+
+
+def _read_text(command: list[str], max_chars: int) -> Offer:
+    # UTF-8 needs at most 4 bytes per character; one more byte tells "over the maximum".
+    limit = max_chars * 4 + 1
+    data = _run(command, limit)
+    if data is None:
+        return Offer(None)
+    if len(data) >= limit:
+        return Offer(None, oversized=True)
+    return Offer(data.decode("utf-8", "replace"))
