@@ -182,12 +182,17 @@ class Daemon:
         """Defer the folder backlog on battery (if configured) and announce the change."""
         defer = new.on_battery and self.config.power.defer_backlog_on_battery
         if self.dispatcher is not None:
-            self.dispatcher.deferred_lanes = frozenset({Lane.DOCUMENTS}) if defer \
-                else frozenset()
+            self.dispatcher.deferred_lanes = self._deferred_lanes()
             self.dispatcher.wake()
         if old is not None or new.on_battery:
             self.store.submit(lambda tx: tx.emit(Topic.POWER_CHANGED, {
                 **new.to_dict(), "backlog_deferred": defer}))
+
+    def _deferred_lanes(self) -> frozenset[Lane]:
+        state = self.power.state
+        if state is not None and state.on_battery and self.config.power.defer_backlog_on_battery:
+            return frozenset({Lane.DOCUMENTS})
+        return frozenset()
 
     def power_status(self) -> dict[str, Any]:
         state = self.power.state
@@ -233,8 +238,9 @@ class Daemon:
         self.bus.start()
         logger.info("bus ready: events=%s requests=%s", self.paths.events_endpoint,
                     self.paths.requests_endpoint)
-        self._start_model()
+        # Before the dispatcher starts: on battery, it must not take a document job first.
         self.power.check()
+        self._start_model()
         self._start_scheduler()
         self.plugin_host = PluginHost(self)
         self.plugin_host.load()
@@ -292,6 +298,7 @@ class Daemon:
         name = Path(cfg.path).name if cfg.path else cfg.name
         self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
                                      model_error=error)
+        self.dispatcher.deferred_lanes = self._deferred_lanes()
         self.dispatcher.start()
 
     # -- running and shutdown ---------------------------------------------------------------

@@ -170,7 +170,15 @@ class BoundContext:
         self._daemon.store.submit(lambda tx: tx.emit(topic, body, cause))
 
     def subscribe(self, topic: str, callback: Callable[[Event], None]) -> None:
-        self._host.events.subscribe(self._record.name, topic, callback)
+        generation = self._generation
+
+        def run(event: Event) -> None:
+            try:
+                callback(event)
+            except Exception as exc:
+                self._host.report_failure(self._record.name, generation, exc)
+
+        self._host.events.subscribe(self._record.name, topic, run)
 
     def schedule(self, name: str, fn: Callable[[], None], interval_s: float) -> None:
         job_id = f"plugin.{self._record.name}.{name}"
