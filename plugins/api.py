@@ -13,8 +13,8 @@ A plugin may also declare:
 - `needs_desktop = True`: the plugin needs a graphical session (a display or a clipboard).
 
 A plugin that raises in `start`, in a thread started through `context.spawn` (or any thread
-it started inside `start`), in an event callback or in a scheduled job is stopped, restarted with backoff and
-disabled after `daemon.plugin_max_failures` failures in a row.
+it started inside `start`), in an event callback or in a scheduled job is stopped, restarted
+with backoff and disabled after `daemon.plugin_max_failures` failures in a row.
 """
 
 from __future__ import annotations
