@@ -75,6 +75,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("documents: " + (", ".join(f"{n} {s}" for s, n in sorted(
         status["documents"].items())) or "none"))
     print(f"watching:  {', '.join(status['watch_folders'])}")
+    power = status.get("power") or {}
+    if power.get("on_battery"):
+        deferred = ", folder backlog deferred" if power.get("backlog_deferred") else ""
+        print(f"power:     on battery ({power.get('percent')} %{deferred})")
+    else:
+        print("power:     on AC power")
     return EXIT_OK
 
 

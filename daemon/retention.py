@@ -47,7 +47,7 @@ def _purge(tx: Tx, event_days: float, clip_days: float, clip_max: int) -> dict[s
     # Clipboard results in the event log follow the clipboard's shorter retention.
     out["events"] += tx.execute("DELETE FROM events WHERE topic = ? AND ts < ?",
                                 (Topic.CLIPBOARD_RESULT, cutoff)).rowcount
-    # A clipboard job's payload holds the copied text until the job has finished.
+    # A clipboard job's payload contains the copied text until the job has finished.
     tx.execute("UPDATE jobs SET payload = '{}' WHERE kind = ? AND state NOT IN (?, ?) "
                "AND payload != '{}'", (JobKind.CLIPBOARD_ACTION, JobState.QUEUED,
                                        JobState.RUNNING))

@@ -6,7 +6,7 @@ next job is due, so the scheduler adds no wake-ups beyond its configured jobs.
 
 Every job coalesces missed runs, may be late by `schedule.misfire_grace_s` and never runs twice
 at once. After a suspend (or SIGSTOP and SIGCONT) each job runs once to catch up, not once per
-missed interval; a run later than the grace time is skipped and logged.
+missed interval. A run later than the grace time is skipped and logged.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from famulus.plugins.api import PluginContext
 
 PASSWORD_HINT = "x-kde-passwordManagerHint"
 ACTIONS = ("summarize", "explain", "translate")
-# Longest wait for the clipboard owner to answer one conversion request.
+# Maximum wait for the clipboard owner to reply to one conversion request.
 CONVERT_TIMEOUT_S = 1.0
 
 
@@ -103,7 +103,7 @@ class Decision:
 
 def check_offer(offer: Offer, settings: ClipboardSettings,
                 patterns: list[re.Pattern[str]]) -> Decision:
-    """Decide whether a clipboard change is processed; `reason` says why not."""
+    """Decide whether a clipboard change is processed; `reason` names why it is skipped."""
     if offer.secret:
         return Decision("secret")
     denied = {a.lower() for a in settings.deny_apps}
@@ -158,7 +158,7 @@ class ClipboardPlugin:
         self._ctx = context
         self._settings = context.settings
         self._patterns = compile_patterns(self._settings)
-        watcher = choose_watcher(self._settings, self._offer, self._wanted,
+        watcher = choose_watcher(self._settings, self._offer, self._should_read,
                                  context.logger.warning)
         if watcher is None:
             context.logger.warning("no clipboard found (DISPLAY and WAYLAND_DISPLAY unset, "
@@ -188,7 +188,7 @@ class ClipboardPlugin:
         if self._ctx is not None:
             self._ctx.logger.info("clipboard watching resumed")
 
-    def _wanted(self) -> bool:
+    def _should_read(self) -> bool:
         """Tell the watcher whether to read a change at all."""
         if self._stopping.is_set():
             return False
@@ -243,7 +243,7 @@ class ClipboardPlugin:
 # -- watchers ------------------------------------------------------------------------------
 
 OfferCallback = Callable[[Offer], None]
-WantedCallback = Callable[[], bool]
+ShouldReadCallback = Callable[[], bool]
 
 
 class Watcher:
@@ -257,16 +257,16 @@ class Watcher:
 
 
 def choose_watcher(settings: ClipboardSettings, on_offer: OfferCallback,
-                   wanted: WantedCallback, warn: Callable[..., None]) -> Watcher | None:
+                   should_read: ShouldReadCallback, warn: Callable[..., None]) -> Watcher | None:
     """Pick the backend: events where the platform sends them, polling otherwise."""
     backend = settings.backend
     display = os.environ.get("DISPLAY")
     wayland = os.environ.get("WAYLAND_DISPLAY")
     if backend in ("auto", "wayland") and wayland and shutil.which("wl-paste"):
-        return WaylandWatcher(on_offer, wanted, settings.max_chars)
+        return WaylandWatcher(on_offer, should_read, settings.max_chars)
     if backend in ("auto", "x11") and display:
         try:
-            return X11Watcher(display, on_offer, wanted, settings.max_chars)
+            return X11Watcher(display, on_offer, should_read, settings.max_chars)
         except Exception as exc:  # python-xlib missing, or no XFixes: poll instead
             warn("X11 clipboard events unavailable (%s: %s); polling instead",
                  type(exc).__name__, exc)
@@ -276,7 +276,7 @@ def choose_watcher(settings: ClipboardSettings, on_offer: OfferCallback,
     command = poll_commands(display, wayland)
     if command is None:
         return None
-    return PollWatcher(command, on_offer, wanted, settings.max_chars,
+    return PollWatcher(command, on_offer, should_read, settings.max_chars,
                        settings.poll_interval_s)
 
 
@@ -285,14 +285,14 @@ class X11Watcher(Watcher):
 
     kind = "x11"
 
-    def __init__(self, display_name: str, on_offer: OfferCallback, wanted: WantedCallback,
+    def __init__(self, display_name: str, on_offer: OfferCallback, should_read: ShouldReadCallback,
                  max_chars: int) -> None:
         from Xlib import X, display
         from Xlib.ext import xfixes
 
         self._X = X
         self._on_offer = on_offer
-        self._wanted = wanted
+        self._should_read = should_read
         self._max_chars = max_chars
         self._display = display.Display(display_name)
         if not self._display.has_extension("XFIXES"):
@@ -328,7 +328,7 @@ class X11Watcher(Watcher):
             while True:
                 if self._changed:
                     self._changed = False
-                    if self._wanted():
+                    if self._should_read():
                         self._on_offer(self._read())
                 if not self._wait(None):
                     return
@@ -430,9 +430,10 @@ class WaylandWatcher(Watcher):
     kind = "wayland"
 
     # NOTE: not run in the tests, which have an X server (Xvfb) but no Wayland compositor.
-    def __init__(self, on_offer: OfferCallback, wanted: WantedCallback, max_chars: int) -> None:
+    def __init__(self, on_offer: OfferCallback, should_read: ShouldReadCallback,
+                 max_chars: int) -> None:
         self._on_offer = on_offer
-        self._wanted = wanted
+        self._should_read = should_read
         self._max_chars = max_chars
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -443,7 +444,7 @@ class WaylandWatcher(Watcher):
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             state = line.strip().decode("ascii", "replace")
-            if not self._wanted() or state in ("nil", "clear"):
+            if not self._should_read() or state in ("nil", "clear"):
                 continue
             if state == "sensitive":
                 self._on_offer(Offer(None, secret=True))
@@ -468,10 +469,10 @@ class PollWatcher(Watcher):
     kind = "poll"
 
     def __init__(self, commands: dict[str, list[str]], on_offer: OfferCallback,
-                 wanted: WantedCallback, max_chars: int, interval_s: float) -> None:
+                 should_read: ShouldReadCallback, max_chars: int, interval_s: float) -> None:
         self._commands = commands
         self._on_offer = on_offer
-        self._wanted = wanted
+        self._should_read = should_read
         self._max_chars = max_chars
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -479,7 +480,7 @@ class PollWatcher(Watcher):
 
     def run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            if self._wanted():
+            if self._should_read():
                 self._poll()
 
     def stop(self) -> None:

@@ -1,6 +1,6 @@
 """The digest plugin: at each interval, one summary of the period's document summaries.
 
-The plugin only schedules; the dispatcher runs each digest as a job in the documents lane,
+The plugin only schedules. The dispatcher runs each digest as a job in the documents lane,
 publishes it as `digest.ready` and writes it as a Markdown file into `folder`. A period with
 no summaries still publishes `digest.ready` (with `summaries: 0`) but writes no file.
 """

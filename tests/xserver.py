@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import select
 import shutil
 import subprocess
@@ -19,15 +20,18 @@ def xvfb() -> Iterator[str]:
     if shutil.which("Xvfb") is None or shutil.which("xclip") is None:
         pytest.skip("Xvfb and xclip are needed (installed by .ci/setup)")
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp",
-                             "-screen", "0", "320x240x24"], pass_fds=(write_fd,),
+    # A random high display number: other X servers on a shared machine take the low ones,
+    # and a server in another mount namespace leaves no lock file here to warn Xvfb.
+    number = random.randrange(200, 60000)
+    proc = subprocess.Popen(["Xvfb", f":{number}", "-displayfd", str(write_fd), "-nolisten",
+                             "tcp", "-screen", "0", "320x240x24"], pass_fds=(write_fd,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], 20)
         assert ready, "Xvfb did not report its display number within 20 s"
-        number = os.read(read_fd, 32).decode().strip()
-        assert number.isdigit(), f"Xvfb reported {number!r} as its display number"
+        reported = os.read(read_fd, 32).decode().strip()
+        assert reported == str(number), f"Xvfb reported display {reported!r}, not {number}"
         yield f":{number}"
     finally:
         os.close(read_fd)
