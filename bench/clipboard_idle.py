@@ -48,7 +48,8 @@ def cpu_and_switches(pid: int) -> tuple[float, int]:
 
 def run_child(backend: str, poll_interval_s: float) -> None:
     """Run one watcher and print one line per clipboard change it reports."""
-    from famulus.plugins.clipboard import ClipboardSettings, Offer, choose_watcher
+    from famulus.plugins.clipboard import ClipboardSettings
+    from famulus.plugins.clipboard_watchers import Offer, choose_watcher
 
     settings = ClipboardSettings(backend=backend, poll_interval_s=poll_interval_s)
 
@@ -112,7 +113,8 @@ def measure(backend: str, env: dict[str, str], seconds: float,
         if lines.next(READY_TIMEOUT_S) != "ready":
             raise SystemExit(f"{backend} watcher did not start")
         if backend == "x11":
-            lines.next(READY_TIMEOUT_S, "start report")  # the report of the (empty) clipboard at start
+            # The watcher reports the (empty) clipboard once at start.
+            lines.next(READY_TIMEOUT_S, "start report")
         copier = subprocess.Popen(["xclip", "-selection", "clipboard", "-quiet"],
                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, env=env)

@@ -75,13 +75,17 @@ class EventHub:
     """Hands committed events to plugin subscriptions on one thread of its own.
 
     The store's writer thread only queues events here, so a slow callback cannot hold up
-    writes. The thread blocks on its queue: no wake-ups while nothing happens.
+    writes. The thread blocks on its queue: no wake-ups while nothing happens. When the queue
+    is full, the batch is dropped for the subscriptions and counted.
     """
+
+    MAX_QUEUED_BATCHES = 10_000
 
     def __init__(self) -> None:
         self._subs: list[tuple[str, str, Callable[[Event], None]]] = []
         self._lock = threading.Lock()
-        self._queue: queue.Queue[list[Event] | None] = queue.Queue()
+        self._queue: queue.Queue[list[Event] | None] = queue.Queue(self.MAX_QUEUED_BATCHES)
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="plugin-events", daemon=True)
         self._thread.start()
 
@@ -94,11 +98,22 @@ class EventHub:
             self._subs = [s for s in self._subs if s[0] != owner]
 
     def on_commit(self, events: list[Event]) -> None:
-        if self._subs:
-            self._queue.put(events)
+        if not self._subs:
+            return
+        try:
+            self._queue.put_nowait(events)
+        except queue.Full:
+            self.dropped += len(events)
+            if self.dropped % 1000 < len(events):  # about once per thousand dropped events
+                logger.warning("plugin subscriptions are too slow; %d event(s) not delivered "
+                               "to them so far", self.dropped)
 
     def stop(self, timeout: float) -> None:
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            logger.warning("plugin event thread is busy; stopping without waiting for it")
+            return
         self._thread.join(timeout)
 
     def _run(self) -> None:

@@ -10,12 +10,8 @@ import pytest
 
 from famulus.daemon.config import ConfigError, parse_config, parse_plugin_section
 from famulus.ipc.protocol import Event, Topic
-from famulus.plugins.clipboard import (
-    ClipboardSettings,
-    Offer,
-    check_offer,
-    compile_patterns,
-)
+from famulus.plugins.clipboard import ClipboardSettings, check_offer, compile_patterns
+from famulus.plugins.clipboard_watchers import Offer
 from tests.conftest import DaemonHome, wait_for
 from tests.xserver import Copies, SelectionOwner, xvfb
 
@@ -128,8 +124,12 @@ def test_copy_pause_and_limits(clipboard_home: DaemonHome, display: str) -> None
     assert paused_marker not in database_bytes(home).decode("utf-8", "replace")
 
 
-def test_secret_leaves_no_trace(clipboard_home: DaemonHome, display: str) -> None:
+@pytest.mark.parametrize("backend", ["x11", "poll"])
+def test_secret_leaves_no_trace(clipboard_home: DaemonHome, display: str, backend: str) -> None:
     home = clipboard_home
+    home.write_config(extra=CLIPBOARD_CONFIG.replace('backend = "x11"',
+                                                     f'backend = "{backend}"\n'
+                                                     "poll_interval_s = 0.2"))
     home.start(wait_model=False)
     copies = Copies(display)
     marker = "s3cret-" + uuid.uuid4().hex
@@ -155,6 +155,7 @@ def test_secret_leaves_no_trace(clipboard_home: DaemonHome, display: str) -> Non
     log = home.stderr()
     assert marker not in log
     assert "clipboard change skipped: reason=secret" in log
+    assert f"watching the clipboard: backend={backend}" in log
 
 
 def test_denied_app_skipped(clipboard_home: DaemonHome, display: str) -> None:
