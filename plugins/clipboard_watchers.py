@@ -1,6 +1,6 @@
 """Clipboard watchers, one class per platform backend, and the choice between them.
 
-Each watcher reports a clipboard change as an `Offer`. It asks `should_read` first and reads
+Each watcher reports a clipboard change as an `Offer`. It calls `should_read` first and reads
 nothing while that returns False. Text marked secret by a password manager is reported as a
 secret offer without its text.
 """
@@ -295,7 +295,7 @@ class PollWatcher(Watcher):
         self._report(offer, digest)
 
     def _report(self, offer: Offer, digest: str) -> None:
-        # Polling sees the same content over and over; only a change is reported.
+        # Each poll reads the same content until it changes, so only a change is reported.
         key = (offer.secret, digest)
         if key != self._last:
             self._last = key
@@ -333,7 +333,7 @@ def _run(command: list[str], limit: int) -> bytes | None:
 
 
 def _read_text(command: list[str], max_chars: int) -> Offer:
-    # UTF-8 needs at most 4 bytes per character; one more byte tells "over the maximum".
+    # UTF-8 needs at most 4 bytes per character. One byte more marks text over the maximum.
     limit = max_chars * 4 + 1
     data = _run(command, limit)
     if data is None:

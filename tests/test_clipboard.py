@@ -131,6 +131,7 @@ def test_secret_leaves_no_trace(clipboard_home: DaemonHome, display: str, backen
                                                      f'backend = "{backend}"\n'
                                                      "poll_interval_s = 0.2"))
     home.start(wait_model=False)
+
     copies = Copies(display)
     marker = "s3cret-" + uuid.uuid4().hex
     owner = SelectionOwner(display, f"hunter2 password {marker} for the mail account",
@@ -144,10 +145,13 @@ def test_secret_leaves_no_trace(clipboard_home: DaemonHome, display: str, backen
     finally:
         owner.close()
         copies.close()
+
     # Never read past the mark: the text itself was not even requested.
     assert "UTF8_STRING" not in owner.requested
+    assert not clipboard_jobs(home)
     events = list(home.log.events)
     home.stop()
+
     assert not [e for e in events if e.topic.startswith("clipboard.")
                 and e.body.get("reason") != "too_small"]
     assert not [e for e in events if marker in str(e.body)]
