@@ -279,6 +279,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     path, _named = config_path(paths, args.config)
     config = load_config(paths, args.config)
     where = config.source if config.source != "defaults" else f"defaults; no file at {path}"
+    from famulus.daemon.plugin_host import check_plugin_tables
+
+    problems = check_plugin_tables(config)
+    for problem in problems:
+        print(f"plugin config: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_ERROR
     print(f"config OK ({where})")
     for item in describe(config):
         print(f"  {item}")

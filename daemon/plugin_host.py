@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from famulus.daemon import documents, journal
-from famulus.daemon.config import ConfigError, parse_plugin_section
+from famulus.daemon.config import Config, ConfigError, parse_plugin_section
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.journal import JobKind, Lane
 from famulus.ipc.protocol import Event, Topic
@@ -38,6 +38,30 @@ HEALTHY_AFTER_S = 300.0
 # Lanes a plugin may submit to: video jobs are not a plugin's business.
 PLUGIN_LANES = {"interactive": Lane.INTERACTIVE, "clipboard": Lane.CLIPBOARD,
                 "documents": Lane.DOCUMENTS}
+
+
+def check_plugin_tables(config: Config) -> list[str]:
+    """Validate each `[plugins.NAME]` table against its installed plugin; list the problems."""
+    problems = []
+    installed = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in sorted(config.plugins):
+        if name not in installed:
+            problems.append(f"[plugins.{name}]: no plugin named {name} is installed; "
+                            f"installed: {', '.join(sorted(installed))}")
+    for name, ep in sorted(installed.items()):
+        try:
+            schema = getattr(ep.load(), "config_schema", None)
+        except Exception as exc:
+            problems.append(f"plugin {name} ({ep.value}) failed to load: "
+                            f"{type(exc).__name__}: {exc}")
+            continue
+        if schema is None:
+            continue
+        try:
+            parse_plugin_section(config, name, schema)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 class PluginState(enum.StrEnum):

@@ -134,12 +134,18 @@ def install_test_plugins(site: Path) -> None:
     (info / "entry_points.txt").write_text(ENTRY_POINTS, encoding="utf-8")
 
 
-def test_failing_plugins_disabled_daemon_summarizes(daemon_home: DaemonHome) -> None:
-    site = daemon_home.root / "site"
+def use_test_plugins(home: DaemonHome) -> None:
+    """Install the test plugins into the home and put them on the daemon's PYTHONPATH."""
+    site = home.root / "site"
     install_test_plugins(site)
-    daemon_home.env["PYTHONPATH"] = os.pathsep.join(
+    home.env["PYTHONPATH"] = os.pathsep.join(
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
-    daemon_home.env.pop("DISPLAY", None)
+    home.env.pop("DISPLAY", None)
+    home.env.pop("WAYLAND_DISPLAY", None)
+
+
+def test_failing_plugins_disabled_daemon_summarizes(daemon_home: DaemonHome) -> None:
+    use_test_plugins(daemon_home)
     daemon_home.write_config(extra=textwrap.dedent("""
         [daemon]
         plugin_max_failures = 3
@@ -213,3 +219,36 @@ def test_failing_plugins_disabled_daemon_summarizes(daemon_home: DaemonHome) -> 
     assert "failures=3" in lines["start_fails"]
     assert "start failed on purpose" in lines["start_fails"]
     assert "running" in lines["echo"]
+
+
+def test_config_check_names_plugin_key(daemon_home: DaemonHome) -> None:
+    use_test_plugins(daemon_home)
+    daemon_home.write_config(extra=textwrap.dedent("""
+        [plugins.strict]
+        level = 0
+
+        [plugins.nosuch]
+        enabled = true
+        """))
+    out = subprocess.run(daemon_home.command("config", "check"), env=daemon_home.env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "invalid value 0 for plugins.strict.level" in out.stderr
+    assert "must be at least 1" in out.stderr
+    assert "no plugin named nosuch is installed" in out.stderr
+    assert "config OK" not in out.stdout
+
+
+def test_reload_restarts_changed_plugin(daemon_home: DaemonHome) -> None:
+    use_test_plugins(daemon_home)
+    daemon_home.write_config(extra="[plugins.strict]\nlevel = 0\n")
+    daemon_home.start(wait_model=False)
+    assert plugin_state(daemon_home, "strict") == "disabled"
+
+    daemon_home.write_config(extra="[plugins.strict]\nlevel = 2\n")
+    with daemon_home.client() as client:
+        result = client.call("reload")
+    assert result["applied"] == ["plugins.strict"]
+    wait_for(lambda: plugin_state(daemon_home, "strict") == "running", 30,
+             "strict to run with its fixed config")
+    assert plugin_state(daemon_home, "folder_watch") == "running"
