@@ -129,8 +129,8 @@ class Daemon:
     def reload(self) -> dict[str, list[str]]:
         """Read the config file again and apply what can change while running.
 
-        Generation, grounding and job settings apply to the next job; watch settings restart
-        the plugins. Model, bus and daemon settings need a restart and are only reported.
+        Generation, grounding and job settings apply to the next job. Watch settings and
+        changed `[plugins.NAME]` tables restart the plugins. Model, bus and daemon settings need a restart and are only reported.
         Raises ConfigError for an invalid file, leaving the running config unchanged.
         """
         source = None if self.config.source == "defaults" else self.config.source
