@@ -130,7 +130,8 @@ class Daemon:
         """Read the config file again and apply what can change while running.
 
         Generation, grounding and job settings apply to the next job. Watch settings and
-        changed `[plugins.NAME]` tables restart the plugins. Model, bus and daemon settings need a restart and are only reported.
+        changed `[plugins.NAME]` tables restart the plugins. Model, bus, daemon, schedule and
+        power settings need a restart and are only reported.
         Raises ConfigError for an invalid file, leaving the running config unchanged.
         """
         source = None if self.config.source == "defaults" else self.config.source
@@ -145,7 +146,8 @@ class Daemon:
         # Keys that need a restart keep their old values until then.
         applied = replace(new, model=replace(self.config.model, **{
             k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
-            bus=self.config.bus, daemon=self.config.daemon, schedule=self.config.schedule)
+            bus=self.config.bus, daemon=self.config.daemon, schedule=self.config.schedule,
+            power=self.config.power)
         self.config = applied
         if self.dispatcher is not None:
             self.dispatcher.config = applied
