@@ -61,6 +61,7 @@ def run_child(backend: str, poll_interval_s: float) -> None:
                              lambda *a: print("warning", *a, file=sys.stderr))
     if watcher is None or watcher.kind != backend:
         raise SystemExit(f"backend {backend} unavailable (got {watcher and watcher.kind})")
+    watcher.prime()
     print("ready", flush=True)
     watcher.run()
 
@@ -112,9 +113,6 @@ def measure(backend: str, env: dict[str, str], seconds: float,
     try:
         if lines.next(READY_TIMEOUT_S) != "ready":
             raise SystemExit(f"{backend} watcher did not start")
-        if backend == "x11":
-            # The watcher reports the (empty) clipboard once at start.
-            lines.next(READY_TIMEOUT_S, "start report")
         copier = subprocess.Popen(["xclip", "-selection", "clipboard", "-quiet"],
                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, env=env)

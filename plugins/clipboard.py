@@ -144,6 +144,7 @@ class ClipboardPlugin:
             context.logger.warning("no clipboard found (DISPLAY and WAYLAND_DISPLAY unset, "
                                    "or no xclip/wl-paste); the clipboard plugin stays idle")
             return
+        watcher.prime()
         self._watcher = watcher
         self.backend = watcher.kind
         context.logger.info("watching the clipboard: backend=%s actions=%s", watcher.kind,

@@ -46,6 +46,9 @@ ShouldReadCallback = Callable[[], bool]
 class Watcher:
     kind = "none"
 
+    def prime(self) -> None:
+        """Record what was copied before the start, so that it does not count as new."""
+
     def run(self) -> None:
         raise NotImplementedError
 
@@ -121,7 +124,7 @@ class X11Watcher(Watcher):
 
     def run(self) -> None:
         try:
-            self._changed = True  # read what is on the clipboard at start
+            # Text copied before the start is not new: only owner changes from now on count.
             while True:
                 if self._changed:
                     self._changed = False
@@ -239,8 +242,13 @@ class WaylandWatcher(Watcher):
             ["wl-paste", "--watch", "sh", "-c", 'echo "${CLIPBOARD_STATE:-data}"'],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self._proc.stdout is not None
+        first = True
         for line in self._proc.stdout:
             state = line.strip().decode("ascii", "replace")
+            # wl-paste runs the command once at start for what was copied before.
+            if first:
+                first = False
+                continue
             if not self._should_read() or state in ("nil", "clear"):
                 continue
             if state == "sensitive":
@@ -274,6 +282,14 @@ class PollWatcher(Watcher):
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._last: tuple[bool, str] | None = None
+
+    def prime(self) -> None:
+        # The same poll as later on, with its report dropped.
+        on_offer, self._on_offer = self._on_offer, lambda offer: None
+        try:
+            self._poll()
+        finally:
+            self._on_offer = on_offer
 
     def run(self) -> None:
         while not self._stop.wait(self._interval_s):

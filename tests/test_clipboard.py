@@ -70,10 +70,16 @@ def clipboard_jobs(home: DaemonHome) -> list[Event]:
 
 def test_copy_pause_and_limits(clipboard_home: DaemonHome, display: str) -> None:
     home = clipboard_home
-    home.start()
     copies = Copies(display)
+    early_marker = uuid.uuid4().hex
     marker = uuid.uuid4().hex
     try:
+        # Copied before the start: not new, so not processed.
+        copies.copy(article(early_marker))
+        wait_for(lambda: copies.current() == article(early_marker), 10,
+                 "xclip to own the clipboard")
+        home.start()
+
         copies.copy(article(marker))
         result = home.log.wait(lambda e: e.topic == Topic.CLIPBOARD_RESULT,
                                RESULT_TIMEOUT_S, "clipboard.result")
@@ -120,6 +126,7 @@ def test_copy_pause_and_limits(clipboard_home: DaemonHome, display: str) -> None
     log = home.stderr()
     assert marker not in log
     assert paused_marker not in log
+    assert early_marker not in log
     assert "reason=too_large chars=2500" in log
     assert paused_marker not in database_bytes(home).decode("utf-8", "replace")
 

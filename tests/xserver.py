@@ -56,6 +56,12 @@ class Copies:
         proc.stdin.close()
         self._procs.append(proc)
 
+    def current(self) -> str | None:
+        """Return the clipboard's text as xclip reads it, None when it is empty."""
+        out = subprocess.run(["xclip", "-selection", "clipboard", "-o"], capture_output=True,
+                             env=self.env, timeout=10)
+        return out.stdout.decode("utf-8", "replace") if out.returncode == 0 else None
+
     def close(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
