@@ -75,6 +75,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("documents: " + (", ".join(f"{n} {s}" for s, n in sorted(
         status["documents"].items())) or "none"))
     print(f"watching:  {', '.join(status['watch_folders'])}")
+    power = status.get("power") or {}
+    if power.get("on_battery"):
+        deferred = ", folder backlog deferred" if power.get("backlog_deferred") else ""
+        print(f"power:     on battery ({power.get('percent')} %{deferred})")
+    else:
+        print("power:     on AC power")
     return EXIT_OK
 
 
@@ -181,6 +187,8 @@ def cmd_request(args: argparse.Namespace) -> int:
         params = {"query": " ".join(args.query)}
     elif args.command == "jobs" and args.state:
         params = {"state": args.state}
+    elif args.command in ("pause", "resume") and args.plugin:
+        params = {"plugin": args.plugin}
     try:
         with _client(args) as client:
             result = client.call(args.command, params)
@@ -193,6 +201,11 @@ def cmd_request(args: argparse.Namespace) -> int:
     if args.command == "search":
         for hit in result["results"]:
             print(f"{hit['path'] or '(text)'}: {hit['snippet']}")
+    elif args.command == "plugins":
+        for plugin in result["plugins"]:
+            paused = " (paused)" if plugin["paused"] else ""
+            print(f"{plugin['name']:<16} {plugin['state']:<10}{paused} failures="
+                  f"{plugin['failures']} {plugin['last_error'] or ''}".rstrip())
     elif args.command == "jobs":
         for job in result["jobs"]:
             print(f"{job['id']:>6} {job['state']:<9} {job['kind']:<20} {job['lane']:<11} "
@@ -266,6 +279,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     path, _named = config_path(paths, args.config)
     config = load_config(paths, args.config)
     where = config.source if config.source != "defaults" else f"defaults; no file at {path}"
+    from famulus.daemon.plugin_host import check_plugin_tables
+
+    problems = check_plugin_tables(config)
+    for problem in problems:
+        print(f"plugin config: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_ERROR
     print(f"config OK ({where})")
     for item in describe(config):
         print(f"  {item}")
@@ -322,8 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="full-text search over summaries")
     p.add_argument("query", nargs="+", help="words that must all occur")
     p.set_defaults(fn=cmd_request)
-    sub.add_parser("pause", help="pause the folder watcher").set_defaults(fn=cmd_request)
-    sub.add_parser("resume", help="resume the folder watcher; a scan catches up"
+    p = sub.add_parser("pause", help="pause the watchers (folder, clipboard)")
+    p.add_argument("plugin", nargs="?", help="pause only this plugin, such as clipboard")
+    p.set_defaults(fn=cmd_request)
+    p = sub.add_parser("resume", help="resume the watchers; a folder scan catches up")
+    p.add_argument("plugin", nargs="?", help="resume only this plugin")
+    p.set_defaults(fn=cmd_request)
+    sub.add_parser("plugins", help="list plugins with their state and last error"
                    ).set_defaults(fn=cmd_request)
     sub.add_parser("reload", help="read the config file again and apply it"
                    ).set_defaults(fn=cmd_request)

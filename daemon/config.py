@@ -27,6 +27,14 @@ class ConfigError(Exception):
     """The configuration file is missing, unreadable or has an invalid key or value."""
 
 
+def setting(default: Any, help: str, **rules: Any) -> Any:
+    """Declare one config key: its default, help text and rules (`min`, `choices`).
+
+    Plugins use it for the fields of their own config schema.
+    """
+    return _setting(default, help, **rules)
+
+
 def _setting(default: Any, help: str, **rules: Any) -> Any:
     # Lists are stored as tuples so that a Config stays immutable and hashable.
     if isinstance(default, list):
@@ -40,6 +48,12 @@ class DaemonSection:
                               choices=LOG_LEVELS)
     shutdown_timeout_s: float = _setting(
         4.0, "Time allowed for the staged shutdown after SIGINT or SIGTERM.", min=0.5)
+    plugin_max_failures: int = _setting(
+        5, "A plugin that fails this many times in a row is disabled until a restart or "
+        "reload.", min=1)
+    plugin_restart_backoff_s: float = _setting(
+        1.0, "First wait before restarting a failed plugin; doubles after each failure in a "
+        "row, up to 300 s.", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,30 @@ class BusSection:
 
 
 @dataclass(frozen=True)
+class ScheduleSection:
+    reconcile_interval_s: float = _setting(
+        3600.0, "Interval of the scan that compares watched folders with the store; 0: off.",
+        min=0.0)
+    purge_interval_s: float = _setting(
+        86400.0, "Interval of the retention purge of old events and clipboard results.",
+        min=1.0)
+    misfire_grace_s: float = _setting(
+        3600.0, "A periodic job that is due for longer than this (after a suspend) is "
+        "skipped and logged instead of run late.", min=1.0)
+
+
+@dataclass(frozen=True)
+class PowerSection:
+    check_interval_s: float = _setting(
+        300.0, "Interval of the battery check; 0: check only at start.", min=0.0)
+    defer_backlog_on_battery: bool = _setting(
+        True, "On battery, leave folder documents queued until the machine is on AC power; "
+        "requests and clipboard jobs still run.")
+    battery_keep_alive_s: float = _setting(
+        300.0, "On battery, how long the model stays loaded after its last job.", min=0.0)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
@@ -148,6 +186,12 @@ class Config:
     grounding: GroundingSection = field(default_factory=GroundingSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     bus: BusSection = field(default_factory=BusSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    power: PowerSection = field(default_factory=PowerSection)
+    # The raw `[plugins.NAME]` tables; each plugin validates its own table against its
+    # schema when it starts (see `parse_plugin_section`).
+    plugins: types.MappingProxyType[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False)
     source: str = field(default="defaults", compare=False)
 
     def watch_folders(self) -> list[Path]:
@@ -157,7 +201,8 @@ class Config:
 
 _CONFIG_HINTS = typing.get_type_hints(Config)
 SECTIONS: dict[str, type] = {
-    f.name: _CONFIG_HINTS[f.name] for f in dataclasses.fields(Config) if f.name != "source"
+    f.name: _CONFIG_HINTS[f.name] for f in dataclasses.fields(Config)
+    if f.name not in ("source", "plugins")
 }
 
 
@@ -202,17 +247,37 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
     """Build a Config from parsed TOML, rejecting unknown keys and invalid values."""
     sections: dict[str, Any] = {}
     for name, value in raw.items():
+        if name == "plugins":
+            sections[name] = _parse_plugin_tables(value, source)
+            continue
         owners = [key for key, _, _ in settings() if key.endswith(f".{name}")]
         if not isinstance(value, dict) and owners:
             raise ConfigError(f"{source}: `{name}` is outside any section; put it under its "
                               f"section as {' or '.join(owners)}")
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
-                              f"{', '.join(SECTIONS)}")
+                              f"{', '.join(SECTIONS)}, plugins.NAME")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: `{name}` must be a table ([{name}]), not {value!r}")
         sections[name] = _parse_section(name, SECTIONS[name], value, source)
     return Config(**sections, source=source)
+
+
+def _parse_plugin_tables(value: Any, source: str) -> types.MappingProxyType[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{source}: [plugins] may only contain one table per plugin, "
+                          "such as [plugins.clipboard]; move other keys into such a table")
+    return types.MappingProxyType({name: dict(table) for name, table in value.items()})
+
+
+def parse_plugin_section(config: Config, name: str, schema: type) -> Any:
+    """Validate the `[plugins.NAME]` table against a plugin's schema dataclass.
+
+    The schema is a frozen dataclass whose fields use the same help and rule metadata as the
+    core sections. Raises ConfigError naming the key, the value and the fix.
+    """
+    values = config.plugins.get(name, {})
+    return _parse_section(f"plugins.{name}", schema, values, config.source)
 
 
 def _parse_section(name: str, cls: type, values: dict[str, Any], source: str) -> Any:

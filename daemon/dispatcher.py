@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from famulus.daemon import documents, journal
+from famulus.daemon import documents, journal, plugin_jobs
 from famulus.daemon.config import Config
 from famulus.daemon.documents import DocState, FileInfo, Outcome
 from famulus.daemon.extract import ExtractionError
@@ -64,6 +64,8 @@ class Dispatcher:
         self.model_name = model_name
         self.model_error = model_error
         self.current_job: int | None = None
+        # Lanes whose jobs stay queued for now: the folder backlog while on battery.
+        self.deferred_lanes: frozenset[journal.Lane] = frozenset()
         self._cancel_job: int | None = None
         self._wake = threading.Condition()
         self._pending_wake = False
@@ -112,7 +114,8 @@ class Dispatcher:
             with self._wake:
                 self._pending_wake = False
             try:
-                job = self.store.call(journal.claim_next)
+                job = self.store.call(partial(journal.claim_next,
+                                              skip_lanes=self.deferred_lanes))
             except StorageFull:
                 self._stopping.wait(STORAGE_RETRY_S)  # the store has logged why
                 continue
@@ -205,6 +208,10 @@ class Dispatcher:
                 self._summarize_text(job)
             elif job.kind == JobKind.ASK:
                 self._ask(job)
+            elif job.kind == JobKind.CLIPBOARD_ACTION:
+                plugin_jobs.run_clipboard_action(self, job)
+            elif job.kind == JobKind.DIGEST:
+                plugin_jobs.run_digest(self, job)
             else:
                 raise PermanentFailure("unknown_kind", f"unknown job kind {job.kind!r}")
         except PermanentFailure as exc:

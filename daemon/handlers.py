@@ -60,7 +60,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 "first_seq": first or 0, "last_seq": last, "paused": daemon.paused,
                 "watch_folders": [str(f) for f in daemon.config.watch_folders()],
                 "storage_full": store.full,
-                "bus": dict(daemon.bus.stats) if daemon.bus else {}}
+                "bus": dict(daemon.bus.stats) if daemon.bus else {},
+                "power": daemon.power_status()}
 
     def summarize(request: Request) -> dict[str, Any]:
         """Queue a summary of a file (`path`) or of inline `text` in the interactive lane.
@@ -231,15 +232,36 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                              "job": r["job_id"], "summary": r["text"], "snippet": r["snippet"],
                              "created_at": r["created_at"]} for r in rows]}
 
+    def plugin_param(request: Request) -> str | None:
+        name = request.params.get("plugin")
+        if name is None:
+            return None
+        known = [p["name"] for p in daemon.plugin_host.listing()] if daemon.plugin_host else []
+        if not isinstance(name, str) or name not in known:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no plugin named {name!r}; installed: "
+                               f"{', '.join(known) or 'none'}")
+        return name
+
     def pause(request: Request) -> dict[str, Any]:
-        """Pause the watchers until `resume`. Result: {"paused": true}."""
-        daemon.set_paused(True)
-        return {"paused": True}
+        """Pause the watchers (or only `plugin`) until `resume`.
+
+        Result: {"paused": true, "plugins": [names whose state changed]}.
+        """
+        changed = daemon.set_paused(True, plugin_param(request))
+        return {"paused": True, "plugins": changed}
 
     def resume(request: Request) -> dict[str, Any]:
-        """Resume the watchers; a scan catches up with what changed meanwhile."""
-        daemon.set_paused(False)
-        return {"paused": False}
+        """Resume the watchers (or only `plugin`); a scan catches up with what changed."""
+        changed = daemon.set_paused(False, plugin_param(request))
+        return {"paused": False, "plugins": changed}
+
+    def plugins(request: Request) -> dict[str, Any]:
+        """List the installed plugins.
+
+        Result: {"plugins": [{"name", "state", "failures", "last_error", "paused", "source",
+        "needs_desktop"}]}.
+        """
+        return {"plugins": daemon.plugin_host.listing() if daemon.plugin_host else []}
 
     def reload(request: Request) -> dict[str, Any]:
         """Read the config file again and apply it.
@@ -260,7 +282,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
     return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
             Method.ASK: ask, Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
             Method.PAUSE: pause, Method.RESUME: resume, Method.RELOAD: reload,
-            Method.EVENTS: events, Method.SHUTDOWN: shutdown}
+            Method.EVENTS: events, Method.SHUTDOWN: shutdown, Method.PLUGINS: plugins}
 
 
 def _envelope(row: Any) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class JobKind(enum.StrEnum):
     SUMMARIZE_DOCUMENT = "summarize.document"
     SUMMARIZE_TEXT = "summarize.text"
     ASK = "ask"
+    CLIPBOARD_ACTION = "clipboard.action"
+    DIGEST = "digest"
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,13 @@ def queued_job_for(tx: Tx, document_id: int) -> int | None:
     return None if row is None else int(row["id"])
 
 
-def claim_next(tx: Tx) -> Job | None:
-    """Mark the most urgent queued job running, count the attempt and return it."""
-    row = tx.execute("SELECT * FROM jobs WHERE state = ? ORDER BY lane, id LIMIT 1",
+def claim_next(tx: Tx, skip_lanes: frozenset[Lane] = frozenset()) -> Job | None:
+    """Mark the most urgent queued job running, count the attempt and return it.
+
+    Jobs in `skip_lanes` stay queued (the folder backlog while on battery).
+    """
+    skip = "".join(f" AND lane != {int(lane)}" for lane in sorted(skip_lanes))
+    row = tx.execute(f"SELECT * FROM jobs WHERE state = ?{skip} ORDER BY lane, id LIMIT 1",
                      (JobState.QUEUED,)).fetchone()
     if row is None:
         return None

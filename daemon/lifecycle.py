@@ -15,24 +15,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
-from famulus.daemon import documents
 from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
 from famulus.daemon.dispatcher import Dispatcher
-from famulus.daemon.documents import FileInfo
 from famulus.daemon.handlers import make_handlers
-from famulus.daemon.journal import recover_interrupted
+from famulus.daemon.journal import Lane, recover_interrupted
 from famulus.daemon.model.registry import ModelNotFound, resolve
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
-from famulus.daemon.store import StorageFull, Store
-from famulus.ipc.protocol import Topic
+from famulus.daemon.plugin_host import PluginHost
+from famulus.daemon.power import PowerMonitor, PowerSource, PowerState, psutil_source
+from famulus.daemon.retention import purge_expired
+from famulus.daemon.scheduler import Scheduler
+from famulus.daemon.store import Store
+from famulus.ipc.protocol import Event, Topic
 from famulus.ipc.security import KeyStore
 from famulus.ipc.server import BusServer, TcpEndpoints
-from famulus.plugins.api import ENTRY_POINT_GROUP, Plugin, TryLater
 
 logger = logging.getLogger(__name__)
 
@@ -100,64 +101,9 @@ class InstanceLock:
             self._file = None
 
 
-class PluginHost:
-    """The narrow context handed to plugins, bound to one plugin's name."""
-
-    def __init__(self, daemon: Daemon, name: str) -> None:
-        self._daemon = daemon
-        self.config = daemon.config
-        self.logger = logging.getLogger(f"famulus.plugins.{name}")
-        self.data_dir = daemon.paths.data_dir / "plugins" / name
-
-    def submit_file(self, path: Path, cause: str | None = None) -> int | None:
-        try:
-            info = FileInfo.of(path)
-        except OSError:
-            return None
-        try:
-            job = self._daemon.store.call(
-                lambda tx: documents.submit_file(tx, info, cause=cause))
-        except StorageFull as exc:
-            raise TryLater(str(exc)) from exc
-        self._daemon.wake_dispatcher()
-        return job
-
-    def file_removed(self, path: Path) -> None:
-        self._daemon.store.call(lambda tx: documents.mark_removed(tx, str(path)))
-
-    def is_settled(self, path: Path, size: int, mtime: float) -> bool:
-        row = documents.get_by_path(self._daemon.store.read(), str(path))
-        return documents.is_settled(row, FileInfo(str(path), size, mtime))
-
-    def known_paths_under(self, folder: Path) -> list[str]:
-        rows = self._daemon.store.query(
-            "SELECT path FROM documents WHERE path LIKE ? AND state != 'removed'",
-            (str(folder).rstrip("/") + "/%",))
-        return [row["path"] for row in rows]
-
-    def publish(self, topic: str, body: dict[str, Any], cause: str | None = None) -> None:
-        self._daemon.store.submit(lambda tx: tx.emit(topic, body, cause))
-
-
-def load_plugins() -> list[Plugin]:
-    """Instantiate every plugin registered under the `famulus.plugins` entry points."""
-    plugins: list[Plugin] = []
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        try:
-            plugin = ep.load()()
-        except Exception:
-            logger.exception("plugin failed to load and is disabled: plugin=%s", ep.name)
-            continue
-        if not isinstance(plugin, Plugin):
-            logger.error("plugin %s (%s) lacks name/start/stop and is disabled", ep.name,
-                         ep.value)
-            continue
-        plugins.append(plugin)
-    return plugins
-
-
 class Daemon:
-    def __init__(self, config: Config, paths: UserPaths) -> None:
+    def __init__(self, config: Config, paths: UserPaths,
+                 power_source: PowerSource = psutil_source) -> None:
         self.config = config
         self.paths = paths
         self.version = famulus_version()
@@ -166,10 +112,11 @@ class Daemon:
         self.bus: BusServer | None = None
         self.model: ModelHost | None = None
         self.dispatcher: Dispatcher | None = None
-        self.plugins: list[Plugin] = []
+        self.plugin_host: PluginHost | None = None
+        self.scheduler = Scheduler(config.schedule.misfire_grace_s)
+        self.power = PowerMonitor(power_source, self._power_changed)
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
-        self._purge_timer: threading.Timer | None = None
         self.paused = False
         self._started_at = time.monotonic()
 
@@ -182,8 +129,9 @@ class Daemon:
     def reload(self) -> dict[str, list[str]]:
         """Read the config file again and apply what can change while running.
 
-        Generation, grounding and job settings apply to the next job; watch settings restart
-        the plugins. Model, bus and daemon settings need a restart and are only reported.
+        Generation, grounding and job settings apply to the next job. Watch settings and
+        changed `[plugins.NAME]` tables restart the plugins. Model, bus, daemon, schedule and
+        power settings need a restart and are only reported.
         Raises ConfigError for an invalid file, leaving the running config unchanged.
         """
         source = None if self.config.source == "defaults" else self.config.source
@@ -192,51 +140,68 @@ class Daemon:
         live = [k for k in changed if k.split(".")[0] in ("grounding", "jobs", "watch")
                 or k in LIVE_MODEL_KEYS]
         restart = [k for k in changed if k not in live]
+        old_tables = self.config.plugins
+        live += [f"plugins.{name}" for name in sorted(set(new.plugins) | set(old_tables))
+                 if new.plugins.get(name) != old_tables.get(name)]
         # Keys that need a restart keep their old values until then.
         applied = replace(new, model=replace(self.config.model, **{
             k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
-            bus=self.config.bus, daemon=self.config.daemon)
+            bus=self.config.bus, daemon=self.config.daemon, schedule=self.config.schedule,
+            power=self.config.power)
         self.config = applied
         if self.dispatcher is not None:
             self.dispatcher.config = applied
-        if any(k.startswith("watch.") for k in live):
-            self._restart_plugins()
+        if any(k.startswith(("watch.", "plugins.")) for k in live) and self.plugin_host:
+            self.plugin_host.restart_all()
         self.store.call(lambda tx: tx.emit(Topic.CONFIG_RELOADED, {
             "applied": live, "restart_required": restart}))
         logger.info("config reloaded: applied=%s restart_required=%s", live, restart)
         return {"applied": live, "restart_required": restart}
 
-    def _restart_plugins(self) -> None:
-        timeout = self.config.daemon.shutdown_timeout_s * 0.2
-        for plugin in self.plugins:
-            try:
-                plugin.stop(timeout)
-            except Exception:
-                logger.exception("plugin failed to stop for a reload: plugin=%s", plugin.name)
-        self.plugins = []
-        for plugin in load_plugins():
-            self._start_plugin(plugin)
-        if self.paused:
-            self.paused = False
-            self.set_paused(True)
+    def set_paused(self, paused: bool, plugin: str | None = None) -> list[str]:
+        """Pause or resume every plugin, or only `plugin`, and announce the change.
 
-    def set_paused(self, paused: bool) -> None:
-        """Pause or resume every plugin that supports it, and announce the change."""
-        if paused == self.paused:
-            return
-        self.paused = paused
-        for plugin in self.plugins:
-            method = getattr(plugin, "pause" if paused else "resume", None)
-            if method is None:
-                continue
-            try:
-                method()
-            except Exception:
-                logger.exception("plugin failed to %s: plugin=%s",
-                                 "pause" if paused else "resume", plugin.name)
-        topic = Topic.WATCH_PAUSED if paused else Topic.WATCH_RESUMED
-        self.store.call(lambda tx: tx.emit(topic, {"plugins": [p.name for p in self.plugins]}))
-        logger.info("watchers %s", "paused" if paused else "resumed")
+        Returns the names of the plugins whose state changed. Without `plugin`, `paused` in
+        `status` follows the request too.
+        """
+        if plugin is None:
+            self.paused = paused
+        host = self.plugin_host
+        changed = host.set_paused(paused, plugin) if host is not None else []
+        if changed:
+            topic = Topic.WATCH_PAUSED if paused else Topic.WATCH_RESUMED
+            self.store.call(lambda tx: tx.emit(topic, {"plugins": changed}))
+            logger.info("plugins %s: %s", "paused" if paused else "resumed", ", ".join(changed))
+        return changed
+
+    def _on_commit(self, events: list[Event]) -> None:
+        if self.bus is not None:
+            self.bus.publish(events)
+        if self.plugin_host is not None:
+            self.plugin_host.events.on_commit(events)
+
+    def _power_changed(self, new: PowerState, old: PowerState | None) -> None:
+        """Defer the folder backlog on battery (if configured) and announce the change."""
+        defer = new.on_battery and self.config.power.defer_backlog_on_battery
+        if self.dispatcher is not None:
+            self.dispatcher.deferred_lanes = self._deferred_lanes()
+            self.dispatcher.wake()
+        if old is not None or new.on_battery:
+            self.store.submit(lambda tx: tx.emit(Topic.POWER_CHANGED, {
+                **new.to_dict(), "backlog_deferred": defer}))
+
+    def _deferred_lanes(self) -> frozenset[Lane]:
+        state = self.power.state
+        if state is not None and state.on_battery and self.config.power.defer_backlog_on_battery:
+            return frozenset({Lane.DOCUMENTS})
+        return frozenset()
+
+    def power_status(self) -> dict[str, Any]:
+        state = self.power.state
+        on_battery = state is not None and state.on_battery
+        return {**(state.to_dict() if state else {}),
+                "backlog_deferred": on_battery and self.config.power.defer_backlog_on_battery,
+                "keep_alive_s": self.config.power.battery_keep_alive_s if on_battery else None}
 
     def wake_dispatcher(self) -> None:
         if self.dispatcher is not None:
@@ -263,7 +228,7 @@ class Daemon:
             logger.warning("watch.folders is empty: no folder is watched; only requests "
                            "over the bus are served")
         self.store = Store(self.paths.database)
-        self._purge_events()
+        self.purge()
         recovered = self.store.call(recover_interrupted)
         if recovered:
             logger.warning("queued %d job(s) again that a crash left running", recovered)
@@ -271,37 +236,41 @@ class Daemon:
                              make_handlers(self),
                              max_message_bytes=self.config.bus.max_message_bytes,
                              tcp=self._tcp_endpoints())
-        self.store.on_commit = self.bus.publish
+        self.store.on_commit = self._on_commit
         self.bus.start()
         logger.info("bus ready: events=%s requests=%s", self.paths.events_endpoint,
                     self.paths.requests_endpoint)
+        # Before the dispatcher starts: on battery, it must not take a document job first.
+        self.power.check()
         self._start_model()
-        for plugin in load_plugins():
-            self._start_plugin(plugin)
+        self._start_scheduler()
+        self.plugin_host = PluginHost(self)
+        self.plugin_host.load()
+        self.plugin_host.start_all()
         # Running only once the watchers run: a client that waits for this state can drop
         # files into a watched folder right away (the folder exists by then).
         self.state = DaemonState.RUNNING
         self.store.call(lambda tx: tx.emit(Topic.DAEMON_STARTED, {
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
 
-    def _purge_events(self) -> None:
-        """Delete events past the retention period, then schedule the next purge a day later."""
-        days = self.config.bus.event_retention_days
-        if days <= 0 or self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
+    def purge(self) -> None:
+        """Delete events and clipboard results past their retention (at start and scheduled)."""
+        if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             return
-        cutoff = time.time() - days * 86400
         try:
-            deleted = self.store.call(lambda tx: tx.execute(
-                "DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount)
+            purge_expired(self.store, self.config)
         except Exception:
-            logger.exception("purging old events failed; retrying in a day")
-            deleted = 0
-        if deleted:
-            logger.info("event log: deleted %d event(s) older than %g days", deleted, days)
-        timer = threading.Timer(86400, self._purge_events)
-        timer.daemon = True
-        timer.start()
-        self._purge_timer = timer
+            logger.exception("the retention purge failed; it runs again at the next interval")
+
+    def _start_scheduler(self) -> None:
+        cfg = self.config.schedule
+        self.scheduler.add_interval("retention", self.purge, cfg.purge_interval_s)
+        if self.config.power.check_interval_s > 0:
+            self.scheduler.add_interval("power", self.power.check,
+                                        self.config.power.check_interval_s)
+        # TODO: add the model residency check here once the model can be unloaded when idle;
+        # power.battery_keep_alive_s is its setting on battery.
+        self.scheduler.start()
 
     def _tcp_endpoints(self) -> TcpEndpoints | None:
         cfg = self.config.bus
@@ -331,16 +300,8 @@ class Daemon:
         name = Path(cfg.path).name if cfg.path else cfg.name
         self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
                                      model_error=error)
+        self.dispatcher.deferred_lanes = self._deferred_lanes()
         self.dispatcher.start()
-
-    def _start_plugin(self, plugin: Plugin) -> None:
-        try:
-            plugin.start(PluginHost(self, plugin.name))
-        except Exception:
-            logger.exception("plugin failed to start and is disabled: plugin=%s", plugin.name)
-            return
-        self.plugins.append(plugin)
-        logger.info("plugin started: plugin=%s", plugin.name)
 
     # -- running and shutdown ---------------------------------------------------------------
 
@@ -364,15 +325,14 @@ class Daemon:
         if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             return
         self.state = DaemonState.STOPPING
-        if self._purge_timer is not None:
-            self._purge_timer.cancel()
+        self.scheduler.shutdown(0)
         budget = self.config.daemon.shutdown_timeout_s
         started = time.monotonic()
         if self.store is not None:
             self._stage("announce", lambda t: self.store.call(
                 lambda tx: tx.emit(Topic.DAEMON_STOPPING, {"pid": os.getpid()}), t), 0.5)
-        for plugin in self.plugins:
-            self._stage(f"plugin {plugin.name}", plugin.stop, budget * 0.2)
+        if self.plugin_host is not None:
+            self._stage("plugins", self.plugin_host.close, budget * 0.2)
         if self.dispatcher is not None:
             self._stage("dispatcher", self.dispatcher.stop, budget * 0.3)
         if self.model is not None:

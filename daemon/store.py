@@ -93,6 +93,21 @@ MIGRATIONS: list[str] = [
     ALTER TABLE summaries ADD COLUMN grounded INTEGER;
     ALTER TABLE summaries ADD COLUMN unsupported TEXT NOT NULL DEFAULT '[]'
     """,
+    # Results of clipboard actions. The clipboard text itself is not kept: only its hash and
+    # length, next to the action's output.
+    """
+    CREATE TABLE clipboard_results (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER REFERENCES jobs(id),
+        action TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        chars INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        model TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX clipboard_results_created ON clipboard_results(created_at)
+    """,
 ]
 
 

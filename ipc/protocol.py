@@ -54,6 +54,12 @@ class Topic:
     MODEL_LOADING = "model.loading"
     MODEL_LOADED = "model.loaded"
     MODEL_FAILED = "model.failed"
+    PLUGIN_FAILED = "plugin.failed"
+    PLUGIN_DISABLED = "plugin.disabled"
+    CLIPBOARD_RESULT = "clipboard.result"
+    CLIPBOARD_SKIPPED = "clipboard.skipped"
+    DIGEST_READY = "digest.ready"
+    POWER_CHANGED = "power.changed"
 
 
 class Method:
@@ -71,6 +77,7 @@ class Method:
     RESUME = "resume"
     EVENTS = "events"
     SHUTDOWN = "shutdown"
+    PLUGINS = "plugins"
 
 
 class ErrorCode:

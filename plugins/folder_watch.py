@@ -120,6 +120,16 @@ class FolderWatchPlugin:
                                         daemon=True)
         self._thread.start()
         self._watch()
+        interval = context.config.schedule.reconcile_interval_s
+        if interval > 0:
+            context.schedule("rescan", self.rescan, interval)
+
+    def rescan(self) -> None:
+        """Compare every watched folder with the store (a missed event is caught here)."""
+        if self._observer is None:
+            return  # paused: the resume scan catches up
+        for folder in self.ctx.config.watch_folders():
+            self.reconcile(folder)
 
     def _watch(self) -> None:
         """Start the observer, then scan each folder for what changed while unobserved."""
@@ -268,7 +278,7 @@ class FolderWatchPlugin:
         for path in vanished:
             if not os.path.exists(path):
                 self.ctx.file_removed(Path(path))
-        self.ctx.logger.info("start-up scan: folder=%s files=%d to_process=%d removed=%d",
+        self.ctx.logger.info("folder scan: folder=%s files=%d to_process=%d removed=%d",
                              folder, len(found), queued, len(vanished))
 
     # -- quiet period ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from famulus.daemon.config import Config, parse_config, settings
+from famulus.daemon.config import Config, parse_config, parse_plugin_section, settings
 from famulus.ipc.protocol import ErrorCode, Method, Topic, catalogue
+from famulus.plugins.clipboard import ClipboardPlugin
+from famulus.plugins.digest import DigestPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "config.example.toml"
@@ -20,7 +23,11 @@ SETTING_KEYS = [key for key, _field, _kind in settings()]
 CATALOGUE_VALUES = [(cls.__name__, value) for cls in (Method, Topic, ErrorCode)
                     for value in catalogue(cls)]
 
-SECTION_LINE = re.compile(r"^\[(?P<section>[A-Za-z0-9_]+)\]\s*$")
+SECTION_LINE = re.compile(r"^\[(?P<section>[A-Za-z0-9_.]+)\]\s*$")
+# Built-in plugins with a config schema, documented as [plugins.NAME] tables.
+PLUGIN_SCHEMAS = {cls.name: cls.config_schema for cls in (ClipboardPlugin, DigestPlugin)}
+PLUGIN_KEYS = [f"plugins.{name}.{f.name}" for name, schema in PLUGIN_SCHEMAS.items()
+               for f in dataclasses.fields(schema)]
 KEY_LINE = re.compile(r"^(?P<key>[A-Za-z0-9_]+)\s*=")
 
 
@@ -31,7 +38,7 @@ def load_example_config() -> dict[str, Any]:
 def list_example_keys() -> list[str]:
     """List the dotted keys that the example config sets, in file order."""
     return [f"{section}.{key}" for section, values in load_example_config().items()
-            for key in values]
+            if section != "plugins" for key in values]
 
 
 def find_key_lines(lines: list[str]) -> dict[str, int]:
@@ -53,7 +60,30 @@ def test_example_config_parses_to_defaults() -> None:
         section, name = key.split(".")
         assert getattr(getattr(parsed, section), name) == getattr(
             getattr(defaults, section), name), key
-    assert parsed == defaults
+    assert dataclasses.replace(parsed, plugins=defaults.plugins) == defaults
+
+
+@pytest.mark.parametrize("name", PLUGIN_SCHEMAS)
+def test_example_plugin_table_parses_to_defaults(name: str) -> None:
+    parsed = parse_config(load_example_config(), source=str(EXAMPLE_CONFIG))
+    schema = PLUGIN_SCHEMAS[name]
+    assert parse_plugin_section(parsed, name, schema) == schema()
+
+
+@pytest.mark.parametrize("name", PLUGIN_SCHEMAS)
+def test_example_plugin_table_follows_schema(name: str) -> None:
+    table = load_example_config()["plugins"][name]
+    assert list(table) == [f.name for f in dataclasses.fields(PLUGIN_SCHEMAS[name])]
+
+
+@pytest.mark.parametrize("key", PLUGIN_KEYS)
+def test_example_config_comments_plugin_key(key: str) -> None:
+    lines = EXAMPLE_CONFIG.read_text(encoding="utf-8").splitlines()
+    key_lines = find_key_lines(lines)
+    assert key in key_lines, f"no line sets {key}"
+    index = key_lines[key]
+    assert lines[index - 1].lstrip().startswith("#"), \
+        f"line {index + 1} sets {key} without a comment line right above it"
 
 
 def test_example_config_sets_every_key() -> None:

@@ -80,13 +80,13 @@ def test_search_finds_summary(daemon_home: DaemonHome) -> None:
 def test_pause_defers_until_resume(daemon_home: DaemonHome) -> None:
     daemon_home.start()
     with daemon_home.client() as client:
-        assert client.call("pause") == {"paused": True}
+        assert client.call("pause")["paused"] is True
         assert client.call("status")["paused"] is True
         paused = daemon_home.log.wait(lambda e: e.topic == Topic.WATCH_PAUSED, 10,
                                       "watch.paused")
         target = daemon_home.inbox / "while-paused.txt"
         target.write_text("The library opens at nine on Saturdays.\n")
-        assert client.call("resume") == {"paused": False}
+        assert client.call("resume")["paused"] is False
         resumed = daemon_home.log.wait(lambda e: e.topic == Topic.WATCH_RESUMED, 10,
                                        "watch.resumed")
     detected = daemon_home.log.wait(lambda e: e.topic == Topic.DOCUMENT_DETECTED
