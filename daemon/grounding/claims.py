@@ -343,10 +343,10 @@ class SourceIndex:
 
     def supports(self, claim: Claim) -> bool:
         """Return whether the source contains evidence for the claim."""
-        if claim.kind == "number":
-            return self._has_number(claim.text)
-        if claim.kind == "date":
-            return self._has_date(claim.text)
+        if claim.kind in ("number", "date"):
+            # Read as extract_claims read it, with footnote marks blanked: "USD¹0" is USD 0.
+            plain = NUMBER_FORM.sub(" ", claim.text)
+            return self._has_number(plain) if claim.kind == "number" else self._has_date(plain)
         return self._has_phrase(claim.text)
 
     def _has_phrase(self, text: str) -> bool:
