@@ -37,6 +37,7 @@ class JobKind(enum.StrEnum):
     SUMMARIZE_DOCUMENT = "summarize.document"
     SUMMARIZE_TEXT = "summarize.text"
     ASK = "ask"
+    VIDEO = "video"
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,16 @@ def queued_job_for(tx: Tx, document_id: int) -> int | None:
     return None if row is None else int(row["id"])
 
 
-def claim_next(tx: Tx) -> Job | None:
-    """Mark the most urgent queued job running, count the attempt and return it."""
-    row = tx.execute("SELECT * FROM jobs WHERE state = ? ORDER BY lane, id LIMIT 1",
-                     (JobState.QUEUED,)).fetchone()
+# The lanes the model dispatcher serves; video jobs go to the video workers instead.
+MODEL_LANES = (Lane.INTERACTIVE, Lane.CLIPBOARD, Lane.DOCUMENTS)
+
+
+def claim_next(tx: Tx, lanes: tuple[Lane, ...] = MODEL_LANES) -> Job | None:
+    """Mark the most urgent queued job of `lanes` running, count the attempt and return it."""
+    marks = ", ".join("?" for _ in lanes)
+    row = tx.execute(f"SELECT * FROM jobs WHERE state = ? AND lane IN ({marks}) "
+                     "ORDER BY lane, id LIMIT 1",
+                     (JobState.QUEUED, *(int(lane) for lane in lanes))).fetchone()
     if row is None:
         return None
     tx.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",

@@ -29,6 +29,7 @@ from famulus.daemon.model.registry import ModelNotFound, resolve
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
 from famulus.daemon.store import Store
+from famulus.daemon.video.supervisor import VideoSupervisor
 from famulus.ipc.protocol import Topic
 from famulus.ipc.security import KeyStore
 from famulus.ipc.server import BusServer, TcpEndpoints
@@ -162,6 +163,7 @@ class Daemon:
         self.bus: BusServer | None = None
         self.model: ModelHost | None = None
         self.dispatcher: Dispatcher | None = None
+        self.video: VideoSupervisor | None = None
         self.plugins: list[Plugin] = []
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
@@ -191,7 +193,7 @@ class Daemon:
         # Keys that need a restart keep their old values until then.
         applied = replace(new, model=replace(self.config.model, **{
             k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
-            bus=self.config.bus, daemon=self.config.daemon)
+            bus=self.config.bus, daemon=self.config.daemon, video=self.config.video)
         self.config = applied
         if self.dispatcher is not None:
             self.dispatcher.config = applied
@@ -272,6 +274,7 @@ class Daemon:
         logger.info("bus ready: events=%s requests=%s", self.paths.events_endpoint,
                     self.paths.requests_endpoint)
         self._start_model()
+        self._start_video()
         for plugin in load_plugins():
             self._start_plugin(plugin)
         # Running only once the watchers run: a client that waits for this state can drop
@@ -329,6 +332,14 @@ class Daemon:
                                      model_error=error)
         self.dispatcher.start()
 
+    def _start_video(self) -> None:
+        keys = KeyStore.default().folder if self.config.video.tcp_endpoint else None
+        self.video = VideoSupervisor(self.config, self.store, self.paths.runtime_dir,
+                                     self.model, keys)
+        self.video.start()
+        # Video jobs left queued by an earlier run start now.
+        self.video.wake()
+
     def _start_plugin(self, plugin: Plugin) -> None:
         try:
             plugin.start(PluginHost(self, plugin.name))
@@ -369,6 +380,8 @@ class Daemon:
                 lambda tx: tx.emit(Topic.DAEMON_STOPPING, {"pid": os.getpid()}), t), 0.5)
         for plugin in self.plugins:
             self._stage(f"plugin {plugin.name}", plugin.stop, budget * 0.2)
+        if self.video is not None:
+            self._stage("video", self.video.stop, budget * 0.2)
         if self.dispatcher is not None:
             self._stage("dispatcher", self.dispatcher.stop, budget * 0.3)
         if self.model is not None:

@@ -53,6 +53,9 @@ class Topic:
     MODEL_LOADING = "model.loading"
     MODEL_LOADED = "model.loaded"
     MODEL_FAILED = "model.failed"
+    MODEL_LEASE = "model.lease"
+    VIDEO_DONE = "video.done"
+    VIDEO_WORKER = "video.worker"
 
 
 class Method:
@@ -70,6 +73,7 @@ class Method:
     RESUME = "resume"
     EVENTS = "events"
     SHUTDOWN = "shutdown"
+    VIDEO_SUBMIT = "video.submit"
 
 
 class ErrorCode:
