@@ -27,7 +27,7 @@ from famulus.ipc import security  # noqa: E402
 from famulus.ipc.client import BusError  # noqa: E402
 from famulus.ipc.protocol import Event, Topic  # noqa: E402
 from tests.conftest import DaemonHome, pid_alive, wait_for  # noqa: E402
-from tests.tiny_ltx import build_tiny_ltx  # noqa: E402
+from tests.tiny_ltx import build_tiny_ltx, build_tiny_ltx2  # noqa: E402
 
 # The tiny VAE compresses 4x in space and time: frames must be 4k+1, sizes multiples of 4.
 SMALL = {"frames": 9, "width": 96, "height": 64, "fps": 8, "steps": 4, "seed": 7}
@@ -37,6 +37,11 @@ JOB_TIMEOUT_S = 120
 @pytest.fixture(scope="session")
 def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_ltx(tmp_path_factory.mktemp("tiny-ltx"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_ltx2(tmp_path_factory.mktemp("tiny-ltx2"))
 
 
 def video_config(home: DaemonHome, model_dir: Path, **keys: Any) -> None:
@@ -71,6 +76,12 @@ def probe(path: Path) -> dict[str, Any]:
         return {"frames": frames, "width": video.codec_context.width,
                 "height": video.codec_context.height, "codec": video.codec_context.name,
                 "audio_streams": len(container.streams.audio)}
+
+
+def durations(path: Path) -> dict[str, float]:
+    """Return each stream's duration in seconds, by stream type."""
+    with av.open(str(path)) as container:
+        return {s.type: float(s.duration * s.time_base) for s in container.streams}
 
 
 def videos(home: DaemonHome) -> list[str]:
@@ -129,6 +140,29 @@ def test_video_job_end_to_end(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
     assert rejected.topic == Topic.JOB_FAILED
     assert "makes no audio" in rejected.body["error"]
     assert videos(daemon_home) == [path.name]
+
+
+def test_video_with_audio_track(daemon_home: DaemonHome, tiny_ltx2: Path) -> None:
+    video_config(daemon_home, tiny_ltx2)
+    daemon_home.start()
+    # The tiny LTX-2 VAE compresses 2x in space and time.
+    size = {"frames": 9, "width": 64, "height": 32, "fps": 8, "steps": 3}
+    done = wait_job(daemon_home, submit(daemon_home, "a fox barks in the snow", audio=True,
+                                        **size))
+    assert done.topic == Topic.JOB_DONE, done.body
+    path = Path(done.body["result"]["path"])
+    assert done.body["result"]["pipeline"] == "LTX2Pipeline"
+    assert probe(path) == {"frames": 9, "width": 64, "height": 32, "codec": "h264",
+                           "audio_streams": 1}
+    with av.open(str(path)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+    lengths = durations(path)
+    assert lengths["video"] == pytest.approx(9 / 8)
+    assert lengths["audio"] == pytest.approx(lengths["video"], abs=0.1)
+
+    silent = wait_job(daemon_home, submit(daemon_home, "a quiet fox", **size))
+    assert silent.topic == Topic.JOB_DONE, silent.body
+    assert probe(Path(silent.body["result"]["path"]))["audio_streams"] == 0
 
 
 def test_cancel_stops_before_decode(daemon_home: DaemonHome, tiny_ltx: Path) -> None:

@@ -199,13 +199,17 @@ class PipelineRunner:
             "num_frames": int(job["frames"]), "num_inference_steps": steps,
             "generator": generator, "output_type": "np", "callback_on_step_end": on_step_end,
         }
-        if job.get("audio"):
+        waveform, rate = None, None
+        if supports_audio(pipe):
+            # LTX-2 generates the sound with the picture; the frame rate times them both.
             kwargs["frame_rate"] = float(job["fps"])
-            video, audio = pipe(**kwargs, return_dict=False)
-            frames, waveform = video[0], audio[0]
-            rate = int(pipe.vocoder.config.output_sampling_rate)
+            output = pipe(**kwargs)
+            if job.get("audio"):
+                waveform = output.audio[0]
+                rate = int(pipe.vocoder.config.output_sampling_rate)
         else:
-            frames, waveform, rate = pipe(**kwargs).frames[0], None, None
+            output = pipe(**kwargs)
+        frames = output.frames[0]
         folder = Path(tempfile.mkdtemp(prefix="famulus-worker-"))
         path = folder / f"job-{job['job']}.mp4"
         write_mp4(path, frames, int(job["fps"]), waveform, rate)
