@@ -238,7 +238,7 @@ def test_out_of_memory_recycles_worker(daemon_home: DaemonHome, tiny_ltx: Path) 
     job = submit(daemon_home, "a huge crowd", steps=6)
     failed = wait_job(daemon_home, job, Topic.JOB_FAILED)
     assert failed.topic == Topic.JOB_FAILED
-    assert re.fullmatch(r"too large for this CPU: needed about 3\.50 GiB, free [\d.]+ GiB; "
+    assert re.fullmatch(r"too large for this (GPU|CPU): needed about 3\.50 GiB, free [\d.]+ GiB; "
                         r"request fewer frames, a smaller size or fewer steps",
                         failed.body["error"]), failed.body["error"]
     assert videos(daemon_home) == []
@@ -249,21 +249,26 @@ def test_out_of_memory_recycles_worker(daemon_home: DaemonHome, tiny_ltx: Path) 
     assert done.body["result"]["worker_pid"] not in first
 
 
-def test_lease_unloads_and_reloads_model(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
-    video_config(daemon_home, tiny_ltx, lease="unload")
+@pytest.mark.parametrize(("policy", "take", "give"), [("unload", "unload", "reload"),
+                                                     ("wait", "hold", "release")])
+def test_lease_frees_model_device(daemon_home: DaemonHome, tiny_ltx: Path, policy: str,
+                                  take: str, give: str) -> None:
+    video_config(daemon_home, tiny_ltx, lease=policy)
     daemon_home.start()
     job = submit(daemon_home, "a fox")
     done = wait_job(daemon_home, job)
     assert done.topic == Topic.JOB_DONE, done.body
     log = daemon_home.log
     assert log is not None
-    reload = log.wait(lambda e: e.topic == Topic.MODEL_LEASE and e.body["action"] == "reload",
-                      60, "the model host to reload")
-    [unload] = log.matching(Topic.MODEL_LEASE, action="unload")
+    returned = log.wait(lambda e: e.topic == Topic.MODEL_LEASE and e.body["action"] == give,
+                        60, f"model.lease {give}")
+    [taken] = log.matching(Topic.MODEL_LEASE, action=take)
     first_step = log.matching(Topic.JOB_PROGRESS, job=job)[0]
-    assert unload.body["job"] == job
-    assert unload.seq < first_step.seq < done.seq < reload.seq
-    assert reload.body["device"] == "CPU"
+    assert taken.body["job"] == job
+    assert taken.seq < first_step.seq < done.seq < returned.seq
+    if policy == "unload":
+        assert taken.body["device"] == "CPU"
+        assert returned.body["device"] == "CPU"
     assert daemon_home.status()["model"]["state"] == "loaded"
     with daemon_home.client() as client:
         summary = client.call("summarize", {"text": "The ferry leaves at nine."})["job"]

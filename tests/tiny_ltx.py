@@ -1,6 +1,6 @@
 """Tiny random LTX-Video pipelines for tests: real diffusers classes, untrained weights.
 
-The weights are random, so the frames are noise; the point is the real code path (text
+The weights are random, so the frames are noise. What counts is the real code path (text
 encoder, denoising loop, VAE decode) at a size that runs in seconds on a CPU. Building one
 imports torch, so only tests and benchmarks of the video worker use this module.
 """

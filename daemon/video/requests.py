@@ -37,6 +37,10 @@ def make_video_handlers(daemon: Daemon) -> dict[str, Handler]:
         The MP4's path comes in the `video.done` event and the job's result.
         """
         cfg = daemon.config.video
+        if not cfg.model_dir and not cfg.tcp_endpoint:
+            raise RequestError(ErrorCode.INVALID_PARAMS, "video is not set up: set "
+                               "video.model_dir to a diffusers LTX-Video pipeline folder (or "
+                               "video.tcp_endpoint for remote workers) and restart famulus")
         prompt = request.params.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(ErrorCode.INVALID_PARAMS, "`prompt` must be non-empty text")

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 LINGER_MS = 100
 VIDEO_LANES = (Lane.VIDEO,)
-# A started worker that has not said hello within this time is killed.
+# A started worker that has not sent `hello` within this time is killed.
 LAUNCH_TIMEOUT_S = 120.0
 
 
@@ -353,7 +353,8 @@ class VideoSupervisor:
         result = {"path": str(path), "frames": message.get("frames"),
                   "width": message.get("width"), "height": message.get("height"),
                   "fps": message.get("fps"), "audio": message.get("audio"),
-                  "bytes": len(data), "seconds": message.get("seconds"),
+                  "bytes": len(data), "seed": message.get("seed"),
+                  "seconds": message.get("seconds"),
                   "device": message.get("device"), "pipeline": message.get("pipeline"),
                   "worker": worker.name, "worker_pid": worker.pid}
 

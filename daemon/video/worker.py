@@ -1,7 +1,7 @@
 """The video worker program (`famulus worker`): runs diffusers LTX pipelines for the daemon.
 
 The daemon starts it on demand as a separate process, or it runs on another host and connects
-over TCP with CURVE. It connects a DEALER socket to the daemon's worker endpoint, says
+over TCP with CURVE. It connects a DEALER socket to the daemon's worker endpoint, sends
 `hello`, loads the pipeline on a background thread and runs one job at a time there. The main
 thread owns the socket: it relays progress, answers heartbeats and cancels, and exits after
 the idle timeout so that the GPU memory is returned.
@@ -42,14 +42,14 @@ logger = logging.getLogger(__name__)
 
 LINGER_MS = 1000
 # Test seam: JSON such as {"step_delay_s": 0.5, "oom_at_step": 2, "match": "slow"}.
-# `step_delay_s` slows each denoising step (so a test can cancel or kill mid-job);
+# `step_delay_s` slows each denoising step, so that a test can cancel or kill mid-job.
 # `oom_at_step` raises torch.OutOfMemoryError after that step, as a GPU without enough memory
 # would. With `match`, the faults apply only to jobs whose prompt contains that text.
 FAULTS_ENV = "FAMULUS_WORKER_FAULTS"
 
 
 class WorkerError(Exception):
-    """The worker cannot start or lost its daemon; the message says why and what to do."""
+    """The worker cannot start or cannot load its pipeline. The message states the fix."""
 
 
 class JobCancelled(Exception):
@@ -162,7 +162,7 @@ class PipelineRunner:
         seconds = round(time.monotonic() - started, 3)
         self._send(Msg.DONE, data, job=job_id, frames=job["frames"], width=job["width"],
                    height=job["height"], fps=job["fps"], audio=bool(job.get("audio")),
-                   seconds=seconds, device=self.device, bytes=len(data),
+                   seconds=seconds, device=self.device, bytes=len(data), seed=job["seed"],
                    pipeline=type(self._pipe).__name__)
 
     def _generate(self, job: dict[str, Any]) -> Path:
@@ -193,7 +193,9 @@ class PipelineRunner:
 
         generator = torch.Generator(device="cpu")
         seed = job.get("seed")
-        generator.manual_seed(int(seed) if seed is not None else torch.seed())
+        # Without a seed, draw one and report it, so that the video can be made again.
+        job["seed"] = int(seed) if seed is not None else generator.seed()
+        generator.manual_seed(job["seed"])
         kwargs: dict[str, Any] = {
             "prompt": job["prompt"], "width": int(job["width"]), "height": int(job["height"]),
             "num_frames": int(job["frames"]), "num_inference_steps": steps,
@@ -222,7 +224,10 @@ def load_pipeline(model_dir: str, device: str) -> Any:
     from diffusers import DiffusionPipeline
 
     folder = Path(model_dir).expanduser()
-    if not model_dir or not (folder / "model_index.json").is_file():
+    if not model_dir:
+        raise WorkerError("no video model is configured; set video.model_dir (or pass "
+                          "--model-dir) to a diffusers LTX-Video pipeline folder")
+    if not (folder / "model_index.json").is_file():
         raise WorkerError(f"video model folder {str(folder)!r} has no model_index.json; set "
                           "video.model_dir (or --model-dir) to a diffusers LTX-Video pipeline "
                           "folder, saved with save_pretrained or downloaded with "
@@ -233,7 +238,7 @@ def load_pipeline(model_dir: str, device: str) -> Any:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
     if not type(pipe).__name__.startswith("LTX"):
-        raise WorkerError(f"{folder} holds a {type(pipe).__name__}, not an LTX-Video "
+        raise WorkerError(f"{folder} contains a {type(pipe).__name__}, not an LTX-Video "
                           "pipeline (LTXPipeline or LTX2Pipeline)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
