@@ -23,6 +23,11 @@ import pytest
 av = pytest.importorskip("av", reason="the video extra is not installed")
 pytest.importorskip("diffusers", reason="the video extra is not installed")
 
+import zmq  # noqa: E402
+
+from famulus.daemon import journal  # noqa: E402
+from famulus.daemon.journal import JobKind, Lane  # noqa: E402
+from famulus.daemon.store import Store  # noqa: E402
 from famulus.ipc import security  # noqa: E402
 from famulus.ipc.client import BusError  # noqa: E402
 from famulus.ipc.protocol import Event, Topic  # noqa: E402
@@ -99,6 +104,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_model_dispatcher_skips_video_lane(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    video = store.call(lambda tx: journal.enqueue(tx, JobKind.VIDEO, Lane.VIDEO))
+    text = store.call(lambda tx: journal.enqueue(tx, JobKind.SUMMARIZE_TEXT, Lane.DOCUMENTS))
+    claimed = store.call(journal.claim_next)
+    assert claimed is not None
+    assert claimed.id == text
+    assert store.call(journal.claim_next) is None
+    claimed = store.call(lambda tx: journal.claim_next(tx, (Lane.VIDEO,)))
+    assert claimed is not None
+    assert claimed.id == video
+    store.close()
+
+
+def send_garbage(home: DaemonHome) -> None:
+    """Send malformed messages to the worker endpoint, as a broken worker might."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(f"ipc://{home.runtime / 'worker.sock'}")
+    for frame in (b"\xff\xfe", b"[1, 2]", b'{"v": 1}', b'{"v": 9, "type": "hello"}',
+                  b'{"v": 1, "type": "done", "job": 1}'):
+        sock.send(frame)
+    sock.close()
+    ctx.term()
+
+
 def test_video_job_end_to_end(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
     video_config(daemon_home, tiny_ltx, idle_timeout_s=2.0)
     daemon_home.start()
@@ -108,6 +140,11 @@ def test_video_job_end_to_end(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
             client.call("video.submit", {"prompt": "x", "frames": 400})
         with pytest.raises(BusError, match="`prompt` must be non-empty text"):
             client.call("video.submit", {"prompt": " "})
+        with pytest.raises(BusError, match="`audio` must be true or false"):
+            client.call("video.submit", {"prompt": "x", "audio": "yes"})
+        with pytest.raises(BusError, match="`seed` must be a whole number"):
+            client.call("video.submit", {"prompt": "x", "seed": -1})
+    send_garbage(daemon_home)
     job = submit(daemon_home, "a red fox runs through snow")
     done = wait_job(daemon_home, job)
     assert done.topic == Topic.JOB_DONE, done.body
@@ -117,6 +154,8 @@ def test_video_job_end_to_end(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
     assert probe(path) == {"frames": 9, "width": 96, "height": 64, "codec": "h264",
                            "audio_streams": 0}
     assert result["bytes"] == path.stat().st_size
+    assert result["seed"] == 7
+    assert daemon_home.stderr().count("ignored an invalid message from a video worker") == 4
     assert daemon_home.log is not None
     announced = daemon_home.log.matching(Topic.VIDEO_DONE, job=job)
     assert [e.body["path"] for e in announced] == [str(path)]
@@ -160,9 +199,14 @@ def test_video_with_audio_track(daemon_home: DaemonHome, tiny_ltx2: Path) -> Non
     assert lengths["video"] == pytest.approx(9 / 8)
     assert lengths["audio"] == pytest.approx(lengths["video"], abs=0.1)
 
-    silent = wait_job(daemon_home, submit(daemon_home, "a quiet fox", **size))
-    assert silent.topic == Topic.JOB_DONE, silent.body
-    assert probe(Path(silent.body["result"]["path"]))["audio_streams"] == 0
+    # The command line, without --audio: the same model writes no audio track.
+    options = [f"--{name}={value}" for name, value in size.items()]
+    cli = subprocess.run(daemon_home.command("video", "a quiet fox", *options, "--wait"),
+                         env=daemon_home.env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "step 3 of 3" in cli.stderr
+    silent = Path(cli.stdout.strip())
+    assert probe(silent)["audio_streams"] == 0
 
 
 def test_cancel_stops_before_decode(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
