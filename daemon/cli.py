@@ -75,6 +75,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("documents: " + (", ".join(f"{n} {s}" for s, n in sorted(
         status["documents"].items())) or "none"))
     print(f"watching:  {', '.join(status['watch_folders'])}")
+    video = status.get("video")
+    if video is not None:
+        workers = ", ".join(f"{w['name']} ({w['state']})" for w in video["workers"])
+        print(f"video:     workers: {workers or 'none'}")
     return EXIT_OK
 
 
@@ -261,7 +265,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout_s)
     code = run_worker(options)
     # Tearing down torch at interpreter exit takes a second or more, and the daemon waits
-    # for this process at shutdown. The socket is closed by now, so nothing is lost.
+    # for this process at shutdown. run_worker has terminated the ZeroMQ context, which
+    # sends the last messages first (for up to the socket's LINGER time).
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)
@@ -419,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", help="CURVE key folder with server.key and client.key_secret "
                    "(default: this user's famulus key folder)")
     p.add_argument("--no-curve", action="store_true",
-                   help="connect to a tcp:// endpoint without CURVE (loopback only)")
+                   help="connect to a tcp:// endpoint whose daemon has video.curve = false")
     p.add_argument("--name", help="name shown in `famulus status` (default: HOST-PID)")
     p.add_argument("--idle-timeout-s", type=float,
                    help="exit after this many seconds without a job (default: the daemon's "

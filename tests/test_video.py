@@ -170,6 +170,9 @@ def test_video_job_end_to_end(daemon_home: DaemonHome, tiny_ltx: Path) -> None:
                          and e.body["action"] == "exited" and e.body["pid"] == worker, 10,
                          "video.worker exited")
     assert daemon_home.status()["video"]["workers"] == []
+    status = subprocess.run(daemon_home.command("status"), env=daemon_home.env,
+                            capture_output=True, text=True, timeout=60)
+    assert "video:     workers: none" in status.stdout
     assert daemon_home.proc is not None
     maps = Path(f"/proc/{daemon_home.proc.pid}/maps").read_text()
     assert "libtorch" not in maps
