@@ -390,6 +390,10 @@ def test_silent_remote_worker_is_lost(remote_home: tuple[DaemonHome, str, Path],
         lost = home.log.wait(lambda e: e.topic == Topic.VIDEO_WORKER
                              and e.body["action"] == "lost", 30, "the worker to be lost")
         assert lost.body["reason"].startswith("no heartbeat for")
+        # The job goes back to the queue right after the worker is declared lost.
+        retry = home.log.wait(lambda e: e.topic == Topic.JOB_QUEUED and e.body["job"] == job
+                              and e.body.get("retry"), 10, "the job to be queued again")
+        assert retry.seq > lost.seq
         with home.client() as client:
             assert client.call("job", {"id": job})["state"] == "queued"
         second = run_worker(home, endpoint, keys, tiny_ltx, "second")
