@@ -81,6 +81,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"power:     on battery ({power.get('percent')} %{deferred})")
     else:
         print("power:     on AC power")
+    video = status.get("video")
+    if video is not None:
+        workers = ", ".join(f"{w['name']} ({w['state']})" for w in video["workers"])
+        print(f"video:     workers: {workers or 'none'}")
     return EXIT_OK
 
 
@@ -213,6 +217,72 @@ def cmd_request(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result))
     return EXIT_OK
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    """Queue a video job; with --wait, print its progress and then the MP4's path."""
+    from famulus.ipc.client import BusError, DaemonUnavailable, Subscriber
+
+    params: dict[str, Any] = {"prompt": args.prompt, "audio": args.audio}
+    for name in ("frames", "width", "height", "fps", "steps", "seed"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    topics = ["job.progress", "job.done", "job.failed", "job.cancelled", "job.queued"]
+    try:
+        with Subscriber(topics) as sub, _client(args) as client:
+            last = client.call("status")["last_seq"]
+            job_id = client.call("video.submit", params)["job"]
+            print(f"queued as job {job_id}", file=sys.stderr)
+            if not args.wait:
+                return EXIT_OK
+            for event in sub.follow(since=last, client=client, idle_timeout_s=args.wait_timeout):
+                if event.body.get("job") != job_id:
+                    continue
+                if event.topic == "job.progress":
+                    print(f"  step {event.body['step']} of {event.body['steps']}",
+                          file=sys.stderr)
+                elif event.topic == "job.queued" and event.body.get("retry"):
+                    print(f"  retrying: {event.body['retry']}", file=sys.stderr)
+                elif event.topic == "job.done":
+                    print(event.body["result"]["path"])
+                    return EXIT_OK
+                elif event.topic in ("job.failed", "job.cancelled"):
+                    print(f"{event.topic}: {event.body.get('error') or event.body.get('reason')}",
+                          file=sys.stderr)
+                    return EXIT_ERROR
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except BusError as exc:
+        print(f"famulus rejected the request: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"no event within {args.wait_timeout:.0f} s; see `famulus jobs`", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a video worker that connects to a daemon (started by it, or on another host)."""
+    from famulus.daemon.video.supervisor import worker_endpoint
+    from famulus.daemon.video.worker import WorkerOptions, default_name, run_worker
+    from famulus.ipc.security import KeyStore
+
+    paths = user_paths()
+    video = load_config(paths, args.config).video
+    connect = args.connect or worker_endpoint(paths.runtime_dir)
+    keys = Path(args.keys) if args.keys else KeyStore.default().folder
+    options = WorkerOptions(
+        connect=connect, model_dir=args.model_dir or video.model_dir,
+        device=args.device or video.device, name=args.name or default_name(),
+        idle_timeout_s=args.idle_timeout_s, launch_id=args.launch_id,
+        keys_folder=keys if connect.startswith("tcp://") and not args.no_curve else None,
+        connect_timeout_s=args.connect_timeout_s)
+    code = run_worker(options)
+    # Tearing down torch at interpreter exit takes a second or more, and the daemon waits
+    # for this process at shutdown. run_worker has terminated the ZeroMQ context, which
+    # sends the last messages first (for up to the socket's LINGER time).
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -353,6 +423,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", help="read the config file again and apply it"
                    ).set_defaults(fn=cmd_request)
 
+    p = sub.add_parser("video", help="queue a video job (LTX-Video on a GPU worker)")
+    p.add_argument("prompt", help="what the video shows")
+    p.add_argument("--frames", type=int, help="number of frames (default 121; LTX needs 8k+1)")
+    p.add_argument("--width", type=int, help="width in pixels (default 704; a multiple of 32)")
+    p.add_argument("--height", type=int, help="height in pixels (default 480; a multiple of 32)")
+    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default 24)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 40)")
+    p.add_argument("--seed", type=int, help="random seed, for a repeatable video")
+    p.add_argument("--audio", action="store_true",
+                   help="add a synchronized audio track (needs an LTX-2 model)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the video, show progress and print the MP4's path")
+    p.add_argument("--wait-timeout", type=float, default=3600.0,
+                   help="with --wait: seconds to wait without any event (default 3600)")
+    p.set_defaults(fn=cmd_video)
+
+    p = sub.add_parser("worker", help="run a video worker that connects to a daemon")
+    p.add_argument("--connect", help="the daemon's worker endpoint: tcp://HOST:PORT for a "
+                   "remote daemon (default: this user's local daemon)")
+    p.add_argument("--model-dir", help="diffusers LTX pipeline folder (default: "
+                   "video.model_dir of this machine's config)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="device to run on (default: video.device of this machine's config)")
+    p.add_argument("--keys", help="CURVE key folder with server.key and client.key_secret "
+                   "(default: this user's famulus key folder)")
+    p.add_argument("--no-curve", action="store_true",
+                   help="connect to a tcp:// endpoint whose daemon has video.curve = false")
+    p.add_argument("--name", help="name shown in `famulus status` (default: HOST-PID)")
+    p.add_argument("--idle-timeout-s", type=float,
+                   help="exit after this many seconds without a job (default: the daemon's "
+                   "video.idle_timeout_s; 0 never exits)")
+    p.add_argument("--connect-timeout-s", type=float, default=15.0,
+                   help="give up when the daemon does not reply within this time (default 15)")
+    p.add_argument("--launch-id", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_worker)
+
     p = sub.add_parser("subscribe", help="print events as they are published")
     p.add_argument("topics", nargs="*", help="exact topics to show (default: all)")
     p.add_argument("--since", type=int, help="first replay stored events after this sequence "
@@ -400,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "run":
+    if args.command not in ("run", "worker"):
         _setup_logging(args.verbose, "warning")
+    elif args.command == "worker":
+        _setup_logging(args.verbose, "info")
     try:
         return int(args.fn(args))
     except ConfigError as exc:

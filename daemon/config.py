@@ -178,6 +178,43 @@ class PowerSection:
 
 
 @dataclass(frozen=True)
+class VideoSection:
+    model_dir: str = _setting(
+        "", "Folder of a diffusers LTX-Video pipeline (model_index.json and its components) "
+        "that local video workers load; empty: video jobs fail until it is set.")
+    device: str = _setting(
+        "cuda", "Device of local video workers: cuda, or cpu (very slow; meant for tests).",
+        choices=("cuda", "cpu"))
+    output_dir: str = _setting(
+        "", "Folder for finished videos; empty: famulus/ in the user's videos folder.")
+    idle_timeout_s: float = _setting(
+        60.0, "A worker with no job for this long exits, which returns its GPU memory.",
+        min=0.0)
+    start_local_worker: bool = _setting(
+        True, "Start a worker on this machine when video jobs wait and no worker is idle.")
+    lease: str = _setting(
+        "none", "What the model host does while a local worker runs video jobs: none, "
+        "unload (unload, then reload after the video jobs) or wait (video jobs wait for the "
+        "running model request; model jobs wait until the video jobs end).",
+        choices=("none", "unload", "wait"))
+    tcp_endpoint: str = _setting(
+        "", "Extra TCP endpoint for remote workers, such as tcp://0.0.0.0:5557; empty: off.")
+    curve: bool = _setting(
+        True, "Encrypt the TCP worker endpoint with CURVE and accept only the client keys "
+        "that `famulus keys authorize` added.")
+    max_attempts: int = _setting(
+        2, "Attempts of a video job whose worker crashed or was lost.", min=1)
+    heartbeat_s: float = _setting(
+        1.0, "Interval of heartbeats between the daemon and each worker.", min=0.1)
+    heartbeat_timeout_s: float = _setting(
+        10.0, "A worker silent for this long is lost: its job is queued again.", min=0.5)
+    max_frames: int = _setting(257, "Most frames one video job may request.", min=1)
+    max_width_px: int = _setting(1280, "Largest width one video job may request.", min=8)
+    max_height_px: int = _setting(1280, "Largest height one video job may request.", min=8)
+    max_steps: int = _setting(200, "Most denoising steps one video job may request.", min=1)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
@@ -188,6 +225,7 @@ class Config:
     bus: BusSection = field(default_factory=BusSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     power: PowerSection = field(default_factory=PowerSection)
+    video: VideoSection = field(default_factory=VideoSection)
     # The raw `[plugins.NAME]` tables; each plugin validates its own table against its
     # schema when it starts (see `parse_plugin_section`).
     plugins: types.MappingProxyType[str, Any] = field(

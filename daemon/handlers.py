@@ -16,6 +16,7 @@ from famulus.daemon import documents, journal
 from famulus.daemon.config import ConfigError
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.journal import JobKind, JobState, Lane
+from famulus.daemon.video.requests import make_video_handlers
 from famulus.ipc.protocol import PROTOCOL_VERSION, ErrorCode, Method, Request
 from famulus.ipc.server import Handler, RequestError
 
@@ -61,7 +62,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 "watch_folders": [str(f) for f in daemon.config.watch_folders()],
                 "storage_full": store.full,
                 "bus": dict(daemon.bus.stats) if daemon.bus else {},
-                "power": daemon.power_status()}
+                "power": daemon.power_status(),
+                "video": daemon.video.status() if daemon.video else None}
 
     def summarize(request: Request) -> dict[str, Any]:
         """Queue a summary of a file (`path`) or of inline `text` in the interactive lane.
@@ -203,6 +205,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
             return {"job": job_id, "state": JobState.CANCELLED.value}
         if before == JobState.RUNNING and daemon.dispatcher and daemon.dispatcher.cancel(job_id):
             return {"job": job_id, "state": "cancelling"}
+        if before == JobState.RUNNING and daemon.video and daemon.video.cancel(job_id):
+            return {"job": job_id, "state": "cancelling"}
         raise RequestError(ErrorCode.CONFLICT, f"job {job_id} is {before}; only queued and "
                            "running jobs can be cancelled")
 
@@ -282,7 +286,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
     return {Method.STATUS: status, Method.SUMMARIZE: summarize, Method.JOB: job,
             Method.ASK: ask, Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
             Method.PAUSE: pause, Method.RESUME: resume, Method.RELOAD: reload,
-            Method.EVENTS: events, Method.SHUTDOWN: shutdown, Method.PLUGINS: plugins}
+            Method.EVENTS: events, Method.SHUTDOWN: shutdown, Method.PLUGINS: plugins,
+            **make_video_handlers(daemon)}
 
 
 def _envelope(row: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class JobKind(enum.StrEnum):
     ASK = "ask"
     CLIPBOARD_ACTION = "clipboard.action"
     DIGEST = "digest"
+    VIDEO = "video"
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,22 @@ def queued_job_for(tx: Tx, document_id: int) -> int | None:
     return None if row is None else int(row["id"])
 
 
-def claim_next(tx: Tx, skip_lanes: frozenset[Lane] = frozenset()) -> Job | None:
-    """Mark the most urgent queued job running, count the attempt and return it.
+# The lanes the model dispatcher serves; video jobs go to the video workers instead.
+MODEL_LANES = (Lane.INTERACTIVE, Lane.CLIPBOARD, Lane.DOCUMENTS)
+
+
+def claim_next(tx: Tx, lanes: tuple[Lane, ...] = MODEL_LANES,
+               skip_lanes: frozenset[Lane] = frozenset()) -> Job | None:
+    """Mark the most urgent queued job of `lanes` running, count the attempt and return it.
 
     Jobs in `skip_lanes` stay queued (the folder backlog while on battery).
     """
-    skip = "".join(f" AND lane != {int(lane)}" for lane in sorted(skip_lanes))
-    row = tx.execute(f"SELECT * FROM jobs WHERE state = ?{skip} ORDER BY lane, id LIMIT 1",
-                     (JobState.QUEUED,)).fetchone()
+    wanted = [int(lane) for lane in lanes if lane not in skip_lanes]
+    if not wanted:
+        return None
+    marks = ", ".join("?" for _ in wanted)
+    row = tx.execute(f"SELECT * FROM jobs WHERE state = ? AND lane IN ({marks}) "
+                     "ORDER BY lane, id LIMIT 1", (JobState.QUEUED, *wanted)).fetchone()
     if row is None:
         return None
     tx.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",

@@ -31,6 +31,7 @@ from famulus.daemon.power import PowerMonitor, PowerSource, PowerState, psutil_s
 from famulus.daemon.retention import purge_expired
 from famulus.daemon.scheduler import Scheduler
 from famulus.daemon.store import Store
+from famulus.daemon.video.supervisor import VideoSupervisor
 from famulus.ipc.protocol import Event, Topic
 from famulus.ipc.security import KeyStore
 from famulus.ipc.server import BusServer, TcpEndpoints
@@ -115,6 +116,7 @@ class Daemon:
         self.plugin_host: PluginHost | None = None
         self.scheduler = Scheduler(config.schedule.misfire_grace_s)
         self.power = PowerMonitor(power_source, self._power_changed)
+        self.video: VideoSupervisor | None = None
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
         self.paused = False
@@ -147,7 +149,7 @@ class Daemon:
         applied = replace(new, model=replace(self.config.model, **{
             k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
             bus=self.config.bus, daemon=self.config.daemon, schedule=self.config.schedule,
-            power=self.config.power)
+            power=self.config.power, video=self.config.video)
         self.config = applied
         if self.dispatcher is not None:
             self.dispatcher.config = applied
@@ -244,6 +246,7 @@ class Daemon:
         self.power.check()
         self._start_model()
         self._start_scheduler()
+        self._start_video()
         self.plugin_host = PluginHost(self)
         self.plugin_host.load()
         self.plugin_host.start_all()
@@ -303,6 +306,14 @@ class Daemon:
         self.dispatcher.deferred_lanes = self._deferred_lanes()
         self.dispatcher.start()
 
+    def _start_video(self) -> None:
+        keys = KeyStore.default().folder if self.config.video.tcp_endpoint else None
+        self.video = VideoSupervisor(self.config, self.store, self.paths.runtime_dir,
+                                     self.model, keys)
+        self.video.start()
+        # Video jobs left queued by an earlier run start now.
+        self.video.wake()
+
     # -- running and shutdown ---------------------------------------------------------------
 
     def run_until_stopped(self) -> None:
@@ -333,6 +344,8 @@ class Daemon:
                 lambda tx: tx.emit(Topic.DAEMON_STOPPING, {"pid": os.getpid()}), t), 0.5)
         if self.plugin_host is not None:
             self._stage("plugins", self.plugin_host.close, budget * 0.2)
+        if self.video is not None:
+            self._stage("video", self.video.stop, budget * 0.2)
         if self.dispatcher is not None:
             self._stage("dispatcher", self.dispatcher.stop, budget * 0.3)
         if self.model is not None:

@@ -60,6 +60,9 @@ class Topic:
     CLIPBOARD_SKIPPED = "clipboard.skipped"
     DIGEST_READY = "digest.ready"
     POWER_CHANGED = "power.changed"
+    MODEL_LEASE = "model.lease"
+    VIDEO_DONE = "video.done"
+    VIDEO_WORKER = "video.worker"
 
 
 class Method:
@@ -78,6 +81,7 @@ class Method:
     EVENTS = "events"
     SHUTDOWN = "shutdown"
     PLUGINS = "plugins"
+    VIDEO_SUBMIT = "video.submit"
 
 
 class ErrorCode:

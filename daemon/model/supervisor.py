@@ -83,6 +83,11 @@ class ModelHost:
         self._next_id = 0
         self._consecutive_crashes = 0
         self._stopping = False
+        # The accelerator lease (see hold): requests wait while `_held`; `_active` counts the
+        # requests in flight.
+        self._gate = threading.Condition()
+        self._held = False
+        self._active = 0
 
     # -- process management -------------------------------------------------------------
 
@@ -209,9 +214,53 @@ class ModelHost:
 
     def request(self, message: dict[str, Any], timeout: float,
                 on_stream: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Send one request, starting (and loading) the host first when needed."""
-        proc = self._ensure_started()
-        return self._send(proc, message, timeout, on_stream)
+        """Send one request, starting (and loading) the host first when needed.
+
+        While the host is held for a video job (see `hold`), the request waits.
+        """
+        with self._gate:
+            while self._held and not self._stopping:
+                self._gate.wait()
+            if self._stopping:
+                raise HostCrashed("the model host is stopping")
+            self._active += 1
+        try:
+            proc = self._ensure_started()
+            return self._send(proc, message, timeout, on_stream)
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    # -- accelerator lease -------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Make new requests wait, then wait until the requests in flight have finished."""
+        with self._gate:
+            self._held = True
+            while self._active and not self._stopping:
+                self._gate.wait()
+
+    def unload(self, timeout: float = 10.0) -> None:
+        """Stop the host process to free its device memory; call `hold` first.
+
+        The next request after `release` starts and loads a fresh host.
+        """
+        with self._io_lock:
+            proc = self._proc
+            # Cleared here, so the reader thread does not count the exit as a crash.
+            self._proc = None
+            self.state.pid = None
+        if proc is not None:
+            _close_process(proc, timeout)
+        self.state.state = "unloaded"
+        self.state.device = None
+
+    def release(self) -> None:
+        """Let requests run again after `hold`."""
+        with self._gate:
+            self._held = False
+            self._gate.notify_all()
 
     def ensure_loaded(self) -> ModelState:
         self._ensure_started()
@@ -249,18 +298,25 @@ class ModelHost:
         with self._io_lock:
             self._stopping = True
             proc = self._proc
+        with self._gate:
+            self._gate.notify_all()
         if proc is None:
             return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("model host pid=%d did not exit in %.1f s; killing it", proc.pid,
-                           timeout)
-            proc.kill()
-            proc.wait(timeout)
+        _close_process(proc, timeout)
         self.state.state = "stopped"
+
+
+def _close_process(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Close the host's stdin (it exits at once) and kill it if it lingers."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("model host pid=%d did not exit in %.1f s; killing it", proc.pid,
+                       timeout)
+        proc.kill()
+        proc.wait(timeout)
