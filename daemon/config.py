@@ -40,6 +40,9 @@ class DaemonSection:
                               choices=LOG_LEVELS)
     shutdown_timeout_s: float = _setting(
         4.0, "Time allowed for the staged shutdown after SIGINT or SIGTERM.", min=0.5)
+    desktop_retry_s: float = _setting(
+        30.0, "How often plugins that need a desktop session look for one again while "
+        "none is reachable.", min=0.1)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class BusSection:
 
 
 @dataclass(frozen=True)
+class TraySection:
+    notify_summaries: bool = _setting(
+        False, "`famulus tray` shows a desktop notification when a summary is ready.")
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
@@ -134,6 +143,7 @@ class Config:
     grounding: GroundingSection = field(default_factory=GroundingSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     bus: BusSection = field(default_factory=BusSection)
+    tray: TraySection = field(default_factory=TraySection)
     source: str = field(default="defaults", compare=False)
 
     def watch_folders(self) -> list[Path]:

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from famulus.daemon import documents
 from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
+from famulus.daemon.desktop import DesktopGate
 from famulus.daemon.dispatcher import Dispatcher
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.handlers import make_handlers
@@ -28,6 +29,7 @@ from famulus.daemon.journal import recover_interrupted
 from famulus.daemon.model.registry import ModelNotFound, resolve
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
+from famulus.daemon.sdnotify import SystemdNotifier
 from famulus.daemon.store import Store
 from famulus.ipc.protocol import Topic
 from famulus.ipc.security import KeyStore
@@ -168,6 +170,8 @@ class Daemon:
         self._purge_timer: threading.Timer | None = None
         self.paused = False
         self._started_at = time.monotonic()
+        self.notifier = SystemdNotifier()
+        self.desktop = DesktopGate(config.daemon.desktop_retry_s, self._start_plugin)
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_at
@@ -210,6 +214,8 @@ class Daemon:
             except Exception:
                 logger.exception("plugin failed to stop for a reload: plugin=%s", plugin.name)
         self.plugins = []
+        self.desktop.close()
+        self.desktop.reopen()
         for plugin in load_plugins():
             self._start_plugin(plugin)
         if self.paused:
@@ -279,6 +285,18 @@ class Daemon:
         self.state = DaemonState.RUNNING
         self.store.call(lambda tx: tx.emit(Topic.DAEMON_STARTED, {
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
+        self._notify_systemd_ready()
+
+    def _notify_systemd_ready(self) -> None:
+        """Tell systemd (under a `Type=notify` unit) that the daemon serves, and start pings."""
+        self.notifier.ready(f"running; model {self.model_status()['state']}")
+
+        def healthy() -> bool:
+            # A round trip through the store's writer thread: a wedged writer stops the pings.
+            self.store.call(lambda tx: None, 5.0)
+            return self.state == DaemonState.RUNNING
+
+        self.notifier.start_watchdog(healthy)
 
     def _purge_events(self) -> None:
         """Delete events past the retention period, then schedule the next purge a day later."""
@@ -330,6 +348,10 @@ class Daemon:
         self.dispatcher.start()
 
     def _start_plugin(self, plugin: Plugin) -> None:
+        # A plugin with `needs_desktop = True` waits for a desktop session; the gate calls
+        # this method again once one appears.
+        if not self.desktop.admit(plugin):
+            return
         try:
             plugin.start(PluginHost(self, plugin.name))
         except Exception:
@@ -360,8 +382,10 @@ class Daemon:
         if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             return
         self.state = DaemonState.STOPPING
+        self.notifier.stopping()
         if self._purge_timer is not None:
             self._purge_timer.cancel()
+        self.desktop.close()
         budget = self.config.daemon.shutdown_timeout_s
         started = time.monotonic()
         if self.store is not None:
@@ -377,6 +401,7 @@ class Daemon:
             self._stage("store", self.store.close, budget * 0.2)
         if self.bus is not None:
             self._stage("bus", self.bus.stop, budget * 0.1)
+        self.notifier.stop()
         self._lock.release()
         self.state = DaemonState.STOPPED
         logger.info("famulus stopped in %.2f s", time.monotonic() - started)
