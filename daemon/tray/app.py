@@ -29,7 +29,7 @@ from famulus.ipc.protocol import Event, Method, Topic
 
 logger = logging.getLogger(__name__)
 
-EXIT_NO_DISPLAY = 1
+EXIT_TRAY_UNAVAILABLE = 1
 RECENT_COUNT = 5
 # How far back in the event log the tray looks for recent summaries when it connects.
 RECENT_WINDOW_EVENTS = 2000
@@ -45,26 +45,34 @@ class NoDisplay(Exception):
 def load_pystray(backend: str | None) -> tuple[Any, str | None]:
     """Import pystray with a menu backend where possible; return (module, fallback reason).
 
-    On Linux the gtk and appindicator backends give a menu and notifications but need
+    On Linux the appindicator and gtk backends give a menu and notifications but need
     PyGObject and a D-Bus session bus; the xorg backend needs neither and has no menu. The
-    reason is None when a menu backend (or an explicitly chosen backend) loaded.
+    reason (what is missing and how to fix it) is None when a menu backend, or the backend
+    chosen with `backend`, loaded.
     """
     if sys.platform in ("darwin", "win32"):
         return _import_pystray(None), None
     if backend is not None:
         return _import_pystray(backend), None
-    problems = []
     if session_bus_address() is None:
-        problems.append("no D-Bus session bus is reachable (DBUS_SESSION_BUS_ADDRESS is unset)")
-    else:
-        for name in ("appindicator", "gtk"):
-            try:
-                return _import_pystray(name), None
-            except NoDisplay:
-                raise
-            except Exception as exc:
-                problems.append(f"{name}: {exc}")
-    return _import_pystray("xorg"), "; ".join(problems)
+        reason = ("no D-Bus session bus is reachable (DBUS_SESSION_BUS_ADDRESS is unset); "
+                  "start the tray from the desktop session")
+        return _import_pystray("xorg"), reason
+    try:
+        import gi  # noqa: F401  # PyGObject, needed by both menu backends
+    except ImportError:
+        return _import_pystray("xorg"), f"PyGObject is not installed; {INSTALL_HINT}"
+    problems = []
+    for name in ("appindicator", "gtk"):
+        try:
+            return _import_pystray(name), None
+        except NoDisplay:
+            raise
+        except Exception as exc:
+            problems.append(f"{name}: {exc}")
+    reason = (f"the menu backends failed to load ({'; '.join(problems)}); on Debian or "
+              "Ubuntu install gir1.2-gtk-3.0")
+    return _import_pystray("xorg"), reason
 
 
 def _import_pystray(backend: str | None) -> Any:
@@ -74,14 +82,14 @@ def _import_pystray(backend: str | None) -> Any:
         os.environ["PYSTRAY_BACKEND"] = backend
     try:
         import pystray
-    except ImportError:
+    except Exception as exc:
         for name in [m for m in sys.modules if m == "pystray" or m.startswith("pystray.")]:
             del sys.modules[name]
-        raise
-    except Exception as exc:
         # python-xlib raises its own errors (DisplayNameError, DisplayConnectionError) when
         # no X server answers, not ImportError.
-        raise NoDisplay(f"cannot connect to the display: {exc}") from exc
+        if type(exc).__module__.startswith("Xlib"):
+            raise NoDisplay(f"cannot connect to the display: {exc}") from exc
+        raise
     return pystray
 
 
@@ -288,13 +296,15 @@ def run_tray(config: str | None = None, backend: str | None = None) -> int:
         print(f"famulus tray needs a graphical session: {exc}. Run it from your desktop "
               "session, or install the tray service with `famulus service install`.",
               file=sys.stderr)
-        return EXIT_NO_DISPLAY
-    except ImportError as exc:
-        print(f"famulus tray cannot load pystray ({exc}); {INSTALL_HINT}", file=sys.stderr)
-        return EXIT_NO_DISPLAY
+        return EXIT_TRAY_UNAVAILABLE
+    except Exception as exc:
+        # ImportError without pystray; ValueError from gi.require_version without GTK.
+        print(f"famulus tray cannot load pystray's {backend or 'xorg'} backend ({exc}); "
+              f"{INSTALL_HINT}", file=sys.stderr)
+        return EXIT_TRAY_UNAVAILABLE
     if fallback:
-        logger.warning("tray without a menu or notifications (pystray's xorg backend): %s; "
-                       "%s", fallback, INSTALL_HINT)
+        logger.warning("tray without a menu or notifications (pystray's xorg backend): %s",
+                       fallback)
     actions = TrayActions(requests_endpoint=paths.requests_endpoint, config=config)
     app = TrayApp(pystray, actions, events_endpoint=paths.events_endpoint,
                   requests_endpoint=paths.requests_endpoint,
