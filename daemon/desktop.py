@@ -6,9 +6,9 @@ class attribute `needs_desktop = True` (a clipboard watcher, for example) waits 
 failing: `DesktopGate` logs one line, looks for a session again every `desktop_retry_s`
 seconds, and starts the plugin once one is found.
 
-A session counts as found when a display is named in the environment, when the user's
-systemd manager has received DISPLAY or WAYLAND_DISPLAY from the session (desktops run
-`systemctl --user import-environment` at login), or when a Wayland socket exists in the
+A session counts as found in three cases. The environment names a display. The user's
+systemd manager has received DISPLAY or WAYLAND_DISPLAY from the session, because desktops
+run `systemctl --user import-environment` at login. Or a Wayland socket exists in the
 private runtime folder `$XDG_RUNTIME_DIR`.
 """
 
@@ -48,8 +48,8 @@ def session_bus_address(environ: Mapping[str, str] | None = None) -> str | None:
 
 def _systemd_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """Return the user manager's environment, or {} when not running under systemd."""
-    # INVOCATION_ID is set by systemd for every unit it starts; elsewhere there is no user
-    # manager to ask, and spawning systemctl on every retry would be wasted work.
+    # systemd sets INVOCATION_ID for every unit it starts. Elsewhere no user manager exists
+    # to query, so spawning systemctl on every retry would be wasted work.
     if not environ.get("INVOCATION_ID"):
         return {}
     try:
@@ -66,7 +66,7 @@ def _systemd_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def find_desktop(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return the variables of a reachable desktop session, or {} when there is none.
 
-    The result holds DISPLAY and/or WAYLAND_DISPLAY, plus DBUS_SESSION_BUS_ADDRESS when a
+    The result contains DISPLAY and/or WAYLAND_DISPLAY, plus DBUS_SESSION_BUS_ADDRESS when a
     session bus is known too.
     """
     env = os.environ if environ is None else environ

@@ -171,7 +171,7 @@ class Daemon:
         self.paused = False
         self._started_at = time.monotonic()
         self.notifier = SystemdNotifier()
-        self.desktop = DesktopGate(config.daemon.desktop_retry_s, self._start_plugin)
+        self.desktop = DesktopGate(config.daemon.desktop_retry_s, self._start_waiting_plugin)
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_at
@@ -359,6 +359,15 @@ class Daemon:
             return
         self.plugins.append(plugin)
         logger.info("plugin started: plugin=%s", plugin.name)
+
+    def _start_waiting_plugin(self, plugin: Plugin) -> None:
+        """Start a plugin that waited for a desktop session, paused if the watchers are."""
+        # NOTE: this runs on the desktop gate's timer thread, not under a lock shared with
+        # pause, resume and reload requests.
+        self._start_plugin(plugin)
+        pause = getattr(plugin, "pause", None)
+        if self.paused and plugin in self.plugins and pause is not None:
+            pause()
 
     # -- running and shutdown ---------------------------------------------------------------
 

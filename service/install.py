@@ -51,7 +51,7 @@ class ServiceFile:
 
 @dataclass
 class Manifest:
-    """What install wrote: files with their SHA-256, folders it created, what it enabled."""
+    """Record of an install: files with their SHA-256, folders it created, commands it ran."""
 
     platforms: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -126,9 +126,9 @@ def windows_quote(args: Sequence[str]) -> str:
 def stop_timeout_s(shutdown_timeout_s: float) -> int:
     """Return the service manager's stop timeout for the daemon's shutdown budget.
 
-    The staged shutdown gives each stage a share of `shutdown_timeout_s` plus 0.5 s for the
-    announcement, and one more plugin adds a fifth of the budget; twice the budget plus 5 s
-    covers that and a model host that has to be killed.
+    The staged shutdown gives each stage a share of `shutdown_timeout_s`, plus 0.5 s for the
+    announcement. Each plugin beyond the first adds a fifth of the budget. Twice the budget
+    plus 5 s covers that and a model host that has to be killed.
     """
     return max(15, math.ceil(2 * shutdown_timeout_s + 5))
 
@@ -247,7 +247,7 @@ def uninstall() -> list[str]:
     """Disable what install enabled, then remove every file and folder it created.
 
     Returns the paths removed. A listed file that was edited since is removed too, with a
-    warning; a created folder that now holds other files is kept.
+    warning; a created folder that now contains other files is kept.
     """
     mpath = manifest_path()
     manifest = Manifest.load(mpath)
@@ -280,7 +280,7 @@ def uninstall() -> list[str]:
         except FileNotFoundError:
             continue
         except OSError:
-            logger.warning("kept folder %s: it holds files that install did not write", folder)
+            logger.warning("kept folder %s: it contains files that install did not write", folder)
             continue
         removed.append(folder)
     return removed
@@ -304,7 +304,7 @@ def status() -> dict[str, Any]:
 
 
 def _manager_state(platforms: list[str]) -> dict[str, str] | None:
-    """Ask systemd for the units' state; None elsewhere or when no user manager answers."""
+    """Ask systemd for the units' state; None elsewhere or when no user manager replies."""
     if "linux" not in platforms or current_platform() != "linux":
         return None
     state = {}

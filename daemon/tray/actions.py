@@ -1,4 +1,4 @@
-"""What the tray menu does. Each action is a plain function, so tests call them directly.
+"""The tray menu's actions, as plain methods that tests call directly.
 
 Files and folders open with the desktop's opener (`xdg-open` on Linux, `open` on macOS,
 `os.startfile` on Windows); `opener` replaces it, for example in tests.

@@ -1,9 +1,9 @@
 """`famulus tray`: the pystray icon, its menu, and the bus client that keeps it current.
 
-The icon runs in the main thread (GTK and AppKit want that). A worker thread follows the
-daemon's events; after each burst of events it asks for `status` and redraws the icon. When
-the daemon stops or stops answering, the icon turns to "not running" and the worker retries
-the connection until the daemon is back.
+The icon runs in the main thread, because GTK and AppKit expect that. A worker thread
+follows the daemon's events. After each burst of events it requests `status` and redraws the
+icon. When the daemon stops or a request times out, the icon turns to "not running" and the
+worker retries the connection until the daemon is back.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class NoDisplay(Exception):
 def load_pystray(backend: str | None) -> tuple[Any, str | None]:
     """Import pystray with a menu backend where possible; return (module, fallback reason).
 
-    On Linux the appindicator and gtk backends give a menu and notifications but need
-    PyGObject and a D-Bus session bus; the xorg backend needs neither and has no menu. The
-    reason (what is missing and how to fix it) is None when a menu backend, or the backend
-    chosen with `backend`, loaded.
+    On Linux the appindicator and gtk backends give a menu and notifications, but they need
+    PyGObject and a D-Bus session bus. The xorg backend needs neither and has no menu. The
+    reason names what is missing and how to fix it. It is None when a menu backend, or the
+    backend chosen with `backend`, loaded.
     """
     if sys.platform in ("darwin", "win32"):
         return _import_pystray(None), None
@@ -86,7 +86,7 @@ def _import_pystray(backend: str | None) -> Any:
         for name in [m for m in sys.modules if m == "pystray" or m.startswith("pystray.")]:
             del sys.modules[name]
         # python-xlib raises its own errors (DisplayNameError, DisplayConnectionError) when
-        # no X server answers, not ImportError.
+        # no X server accepts the connection, not ImportError.
         if type(exc).__module__.startswith("Xlib"):
             raise NoDisplay(f"cannot connect to the display: {exc}") from exc
         raise
@@ -174,7 +174,7 @@ class TrayApp:
             self._stop.wait(self.retry_s)
 
     def _session(self) -> None:
-        """Follow one daemon run; return when it stops, raise when it stops answering."""
+        """Follow one daemon run; return when it stops, raise DaemonUnavailable on a timeout."""
         with Client(self.requests_endpoint, timeout_s=3) as client, \
                 Subscriber(endpoint=self.events_endpoint,
                            requests_endpoint=self.requests_endpoint) as sub:

@@ -1,7 +1,7 @@
 """Tray icons drawn with Pillow: one fill colour and one white mark per state.
 
-Each state has its own colour, so the state can be told from the icon's pixels alone (the
-tray test does exactly that); the white mark keeps states apart for colour-blind users.
+Each state has its own colour, so the state can be read from the icon's pixels alone, as the
+tray test does. The white mark keeps states apart for colour-blind users.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tray's view of the daemon: which icon to show and what the tooltip says."""
+"""The tray's view of the daemon: the icon state and the tooltip text."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ LABELS = {
 
 @dataclass(frozen=True)
 class TrayView:
-    """What the icon shows: its state, the queue depth drawn on it, and the tooltip."""
+    """The icon's content: its state, the queue depth drawn on it, and the tooltip."""
 
     state: TrayState
     queue_depth: int
@@ -43,7 +43,7 @@ def queue_depth(status: dict[str, Any]) -> int:
 
 
 def classify(status: dict[str, Any] | None) -> TrayState:
-    """Choose the icon state for a `status` result; None means no daemon answered.
+    """Choose the icon state for a `status` result; None means no daemon replied.
 
     The most urgent condition wins: no daemon, then a model that failed or is missing, then
     start-up and model loading, then pause (set by the user, so shown even while jobs run),
@@ -69,7 +69,7 @@ def classify(status: dict[str, Any] | None) -> TrayState:
 def view_of(status: dict[str, Any] | None, problem: str | None = None) -> TrayView:
     """Build the icon state and tooltip for a `status` result.
 
-    `problem` is a reason the tray could not get a status (shown when no daemon answered).
+    `problem` is a reason the tray could not get a status (shown when no daemon replied).
     """
     state = classify(status)
     if status is None:
