@@ -146,17 +146,18 @@ def test_tray_actions(daemon_home: DaemonHome, tmp_path: Path) -> None:
     document = tmp_path / "note.txt"
     document.write_text("The harbour crane was repaired on Monday.\n", encoding="utf-8")
     item = RecentSummary(document=7, path=str(document), job=9, summary="A crane was fixed.")
-    actions.open_document(item)
-    actions.open_summary(item)
-    actions.open_watched_folder(daemon_home.status()["watch_folders"])
-    actions.open_config()
-    paths = opened(log, 4)
-    assert paths[0] == str(document)
-    summary_file = Path(paths[1])
-    assert summary_file.parent == tmp_path / "summaries"
+    # Each opener is its own process, so the log lines can come in any order.
+    openers = [actions.open_document(item), actions.open_summary(item),
+               actions.open_watched_folder(daemon_home.status()["watch_folders"]),
+               actions.open_config()]
+    for proc in openers:
+        assert proc is not None
+        assert proc.wait(10) == 0
+    paths = set(opened(log, 4))
+    summary_file = tmp_path / "summaries" / "summary-7-9.txt"
+    assert paths == {str(document), str(summary_file), str(daemon_home.inbox),
+                     str(daemon_home.config_file)}
     assert "A crane was fixed." in summary_file.read_text(encoding="utf-8")
-    assert paths[2] == str(daemon_home.inbox)
-    assert paths[3] == str(daemon_home.config_file)
 
     with pytest.raises(ActionError, match="does not exist"):
         actions.open_document(RecentSummary(1, str(tmp_path / "gone.txt"), 1, ""))
@@ -361,6 +362,21 @@ def start_tray(home: DaemonHome, session: XSession, log: Path) -> subprocess.Pop
                                 stderr=stderr, stdout=subprocess.DEVNULL)
 
 
+def open_menu(session: XSession, watcher: TrayWatcher, screenshot: Path) -> None:
+    """Right-click the icon where the last screenshot found it, and keep a screenshot."""
+    assert watcher.position is not None
+    x, y = watcher.position
+    session.xdotool("mousemove", str(x), str(y), "click", "3")
+
+    def menu_shown() -> bool:
+        # The root window is black and trayer sits in the top 32 rows, so light pixels below
+        # them belong to the menu.
+        below = session.screenshot(screenshot).crop((0, 40, *SCREEN)).convert("L")
+        return below.point(lambda v: 255 if v > 150 else 0).histogram()[255] > 3000
+
+    wait_for(menu_shown, 10, "the tray menu to open")
+
+
 def summarize_files(home: DaemonHome, files: list[Path]) -> None:
     with home.client() as client:
         for path in files:
@@ -399,12 +415,8 @@ def test_tray_icon_follows_daemon(daemon_home: DaemonHome, xsession: XSession,
                         notifications.read_text(encoding="utf-8").splitlines())
         assert titles == sorted(f"Summary ready: {d.name}" for d in documents)
 
-        # Pause through the real menu: right-click the icon, then the second entry.
-        assert watcher.position is not None
-        x, y = watcher.position
-        xsession.xdotool("mousemove", str(x), str(y), "click", "3")
-        time.sleep(0.5)  # NOTE: the menu has no readiness signal to wait for
-        xsession.screenshot(folder / "menu.png")
+        # Pause through the real menu: its second entry.
+        open_menu(xsession, watcher, folder / "menu.png")
         xsession.xdotool("key", "Down", "Down", "Return")
         wait_for(lambda: daemon_home.status()["paused"], 10, "pause from the tray menu")
         watcher.wait_state(TrayState.PAUSED, 30)
@@ -422,6 +434,16 @@ def test_tray_icon_follows_daemon(daemon_home: DaemonHome, xsession: XSession,
         watcher.wait_state(TrayState.NO_MODEL, 30)
         daemon_home.stop()
 
+        # A model "file" that is a FIFO keeps the model host waiting for a writer, so the
+        # model stays in its loading state until the daemon stops.
+        fifo = tmp_path / "slow.gguf"
+        os.mkfifo(fifo)
+        daemon_home.model_path = fifo
+        daemon_home.write_config()
+        daemon_home.start(wait_model=False)
+        watcher.wait_state(TrayState.LOADING, 30)
+        daemon_home.stop()
+
         broken = tmp_path / "broken.gguf"
         broken.write_bytes(b"GGUF" + os.urandom(4096))
         daemon_home.model_path = broken
@@ -429,8 +451,19 @@ def test_tray_icon_follows_daemon(daemon_home: DaemonHome, xsession: XSession,
         daemon_home.start()
         watcher.wait_state(TrayState.ERROR, 60)
         assert tray.poll() is None, "the tray exited while the daemon restarted"
+
+        # Stop the daemon, then quit the tray, through the menu's last two entries.
+        open_menu(xsession, watcher, folder / "menu-stop.png")
+        xsession.xdotool("key", "Up", "Up", "Return")
+        assert daemon_home.proc is not None
+        daemon_home.proc.wait(15)
+        watcher.wait_state(TrayState.NOT_RUNNING, 30)
+        open_menu(xsession, watcher, folder / "menu-quit.png")
+        xsession.xdotool("key", "Up", "Return")
+        assert tray.wait(15) == 0
     finally:
-        tray.send_signal(signal.SIGTERM)
+        if tray.poll() is None:
+            tray.send_signal(signal.SIGTERM)
         try:
             tray.wait(10)
         except subprocess.TimeoutExpired:
