@@ -374,6 +374,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.samples), timeout_s=args.wait_timeout)
 
 
+def cmd_tray(args: argparse.Namespace) -> int:
+    from famulus.daemon.tray.app import run_tray
+
+    return run_tray(config=args.config, backend=args.backend)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Install, remove or report the per-user service files."""
+    from famulus.service import install as service
+
+    try:
+        if args.service_command == "install":
+            config = load_config(user_paths(), args.config)
+            files = service.install(args.platform, config=args.config,
+                                    shutdown_timeout_s=config.daemon.shutdown_timeout_s,
+                                    enable=args.enable, force=args.force)
+            for item in files:
+                print(f"wrote {item.path}")
+            if not args.enable:
+                print("nothing is enabled yet; to start famulus with your session, run:")
+                if (args.platform or service.current_platform()) == "linux":
+                    print("  systemctl --user daemon-reload")
+                for item in files:
+                    print(f"  {' '.join(item.enable)}")
+        elif args.service_command == "uninstall":
+            removed = service.uninstall()
+            for path in removed:
+                print(f"removed {path}")
+            if not removed:
+                print("no service files were installed by famulus")
+        else:
+            report = service.status()
+            print(json.dumps(report, indent=2))
+            return EXIT_OK if report["installed"] else EXIT_ERROR
+    except service.ServiceError as exc:
+        print(f"famulus service {args.service_command} failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="famulus", description=(
         "Always-on local AI daemon: summarizes documents dropped into watched folders with a "
@@ -501,6 +541,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", type=float, default=900.0,
                    help="seconds allowed for the whole demo (default 900)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("tray", help="show a tray icon with the daemon's state and a menu "
+                       "(needs the `tray` extra and a graphical session)")
+    p.add_argument("--backend", choices=["appindicator", "gtk", "xorg"],
+                   help="pystray backend to use (default: the first that works here)")
+    p.set_defaults(fn=cmd_tray)
+
+    service = sub.add_parser("service", help="start famulus with your session").add_subparsers(
+        dest="service_command", required=True)
+    p = service.add_parser("install", help="write the user service files (enables nothing "
+                           "unless --enable)")
+    p.add_argument("--platform", choices=["linux", "macos", "windows"],
+                   help="write the files of this platform (default: this one)")
+    p.add_argument("--enable", action="store_true",
+                   help="also enable and start the daemon's service now")
+    p.add_argument("--force", action="store_true",
+                   help="replace service files that famulus did not write")
+    p.set_defaults(fn=cmd_service)
+    service.add_parser("uninstall", help="disable and remove everything install wrote"
+                       ).set_defaults(fn=cmd_service)
+    service.add_parser("status", help="report the installed files and the service state"
+                       ).set_defaults(fn=cmd_service)
     return parser
 
 

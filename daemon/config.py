@@ -54,6 +54,9 @@ class DaemonSection:
     plugin_restart_backoff_s: float = _setting(
         1.0, "First wait before restarting a failed plugin; doubles after each failure in a "
         "row, up to 300 s.", min=0.0)
+    desktop_retry_s: float = _setting(
+        30.0, "How often plugins that need a desktop session look for one again while "
+        "none is reachable.", min=0.1)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,12 @@ class VideoSection:
 
 
 @dataclass(frozen=True)
+class TraySection:
+    notify_summaries: bool = _setting(
+        False, "`famulus tray` shows a desktop notification when a summary is ready.")
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     watch: WatchSection = field(default_factory=WatchSection)
@@ -226,6 +235,7 @@ class Config:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     power: PowerSection = field(default_factory=PowerSection)
     video: VideoSection = field(default_factory=VideoSection)
+    tray: TraySection = field(default_factory=TraySection)
     # The raw `[plugins.NAME]` tables; each plugin validates its own table against its
     # schema when it starts (see `parse_plugin_section`).
     plugins: types.MappingProxyType[str, Any] = field(

@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
+from famulus.daemon.desktop import DesktopGate
 from famulus.daemon.dispatcher import Dispatcher
 from famulus.daemon.handlers import make_handlers
 from famulus.daemon.journal import Lane, recover_interrupted
 from famulus.daemon.model.registry import ModelNotFound, resolve
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
-from famulus.daemon.plugin_host import PluginHost
+from famulus.daemon.plugin_host import PluginHost, PluginRecord
 from famulus.daemon.power import PowerMonitor, PowerSource, PowerState, psutil_source
 from famulus.daemon.retention import purge_expired
 from famulus.daemon.scheduler import Scheduler
+from famulus.daemon.sdnotify import SystemdNotifier
 from famulus.daemon.store import Store
 from famulus.daemon.video.supervisor import VideoSupervisor
 from famulus.ipc.protocol import Event, Topic
@@ -121,6 +123,8 @@ class Daemon:
         self._stop_requested = threading.Event()
         self.paused = False
         self._started_at = time.monotonic()
+        self.notifier = SystemdNotifier()
+        self.desktop = DesktopGate(config.daemon.desktop_retry_s, self._start_waiting_plugin)
 
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_at
@@ -255,6 +259,18 @@ class Daemon:
         self.state = DaemonState.RUNNING
         self.store.call(lambda tx: tx.emit(Topic.DAEMON_STARTED, {
             "pid": os.getpid(), "version": self.version, "recovered_jobs": recovered}))
+        self._notify_systemd_ready()
+
+    def _notify_systemd_ready(self) -> None:
+        """Tell systemd (under a `Type=notify` unit) that the daemon serves, and start pings."""
+        self.notifier.ready(f"running; model {self.model_status()['state']}")
+
+        def healthy() -> bool:
+            # A round trip through the store's writer thread: a wedged writer stops the pings.
+            self.store.call(lambda tx: None, 5.0)
+            return self.state == DaemonState.RUNNING
+
+        self.notifier.start_watchdog(healthy)
 
     def purge(self) -> None:
         """Delete events and clipboard results past their retention (at start and scheduled)."""
@@ -314,6 +330,11 @@ class Daemon:
         # Video jobs left queued by an earlier run start now.
         self.video.wake()
 
+    def _start_waiting_plugin(self, record: PluginRecord) -> None:
+        """Start a plugin that waited for a desktop session (on the gate's timer thread)."""
+        if self.plugin_host is not None:
+            self.plugin_host.start_one(record)
+
     # -- running and shutdown ---------------------------------------------------------------
 
     def run_until_stopped(self) -> None:
@@ -337,6 +358,8 @@ class Daemon:
             return
         self.state = DaemonState.STOPPING
         self.scheduler.shutdown(0)
+        self.notifier.stopping()
+        self.desktop.close()
         budget = self.config.daemon.shutdown_timeout_s
         started = time.monotonic()
         if self.store is not None:
@@ -354,6 +377,7 @@ class Daemon:
             self._stage("store", self.store.close, budget * 0.2)
         if self.bus is not None:
             self._stage("bus", self.bus.stop, budget * 0.1)
+        self.notifier.stop()
         self._lock.release()
         self.state = DaemonState.STOPPED
         logger.info("famulus stopped in %.2f s", time.monotonic() - started)

@@ -66,6 +66,8 @@ def check_plugin_tables(config: Config) -> list[str]:
 
 
 class PluginState(enum.StrEnum):
+    # Held back until a desktop session appears (the plugin sets `needs_desktop`).
+    WAITING_FOR_DESKTOP = "waiting_for_desktop"
     STARTING = "starting"
     RUNNING = "running"
     RESTARTING = "restarting"
@@ -90,10 +92,14 @@ class PluginRecord:
     jobs: list[str] = field(default_factory=list)
     timer: threading.Timer | None = None
 
+    @property
+    def needs_desktop(self) -> bool:
+        return bool(getattr(self.cls, "needs_desktop", False))
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state.value, "failures": self.failures,
                 "last_error": self.last_error, "paused": self.paused, "source": self.source,
-                "needs_desktop": bool(getattr(self.cls, "needs_desktop", False))}
+                "needs_desktop": self.needs_desktop}
 
 
 class EventHub:
@@ -296,8 +302,18 @@ class PluginHost:
 
     def start_all(self) -> None:
         for record in list(self.records.values()):
-            if record.cls is not None and record.state is not PluginState.DISABLED:
-                self._start(record)
+            if record.cls is None or record.state is PluginState.DISABLED:
+                continue
+            # The gate starts a plugin that needs a desktop session once one appears.
+            if not self._daemon.desktop.admit(record):
+                record.state = PluginState.WAITING_FOR_DESKTOP
+                continue
+            self._start(record)
+
+    def start_one(self, record: PluginRecord) -> None:
+        """Start a plugin that waited for a desktop session, paused if it was paused."""
+        if record.state is PluginState.WAITING_FOR_DESKTOP:
+            self._start(record)
 
     def _start(self, record: PluginRecord) -> None:
         assert record.cls is not None
@@ -451,6 +467,8 @@ class PluginHost:
         """Stop every plugin and load and start them again (after a config reload)."""
         paused = {r.name for r in self.records.values() if r.paused}
         self.stop_all(self._daemon.config.daemon.shutdown_timeout_s * 0.2)
+        self._daemon.desktop.close()
+        self._daemon.desktop.reopen()
         with self._lock:
             self._stopping = False
         self.load()

@@ -102,7 +102,12 @@ class PluginContext(Protocol):
 
 @runtime_checkable
 class Plugin(Protocol):
-    """A watcher or other extension run by the daemon."""
+    """A watcher or other extension run by the daemon.
+
+    A plugin that needs the desktop session (a display or a session bus) sets the class
+    attribute `needs_desktop: ClassVar[bool] = True`. The daemon then starts it only once a
+    session is reachable, and keeps running without it until then.
+    """
 
     name: ClassVar[str]
 
