@@ -66,6 +66,11 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if event.is_directory and event.event_type in ("modified", "closed"):
+            # Each file added to a folder also changes the folder's mtime. The files bring
+            # events of their own, and walking the folder for each of them took quadratic
+            # time on a bulk copy.
+            return
         # An exception here would end watchdog's dispatch thread, and with it all watching.
         try:
             for raw in (event.src_path, getattr(event, "dest_path", "")):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from famulus.daemon.config import Config, WatchSection
 from famulus.ipc.protocol import Topic
-from tests.conftest import DaemonHome
+from famulus.plugins.folder_watch import FolderWatchPlugin
+from tests.conftest import DaemonHome, wait_for
 
 SUMMARY_TIMEOUT_S = 120
 
@@ -78,3 +84,61 @@ def test_inotify_limit_falls_back_to_polling(daemon_home: DaemonHome) -> None:
     assert "observer=PollingObserver" in stderr
     note = drop(daemon_home.inbox, "note.txt", "The gate in hall 2 was painted by Erin.")
     wait_summarized(daemon_home, note)
+
+
+class RecordingContext:
+    """The plugin API's context, recording what the watcher submits; no daemon behind it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.config = Config(watch=WatchSection(folders=(str(folder),), quiet_period_s=0.2))
+        self.logger = logging.getLogger("test.folder_watch")
+        self.data_dir = folder.parent / "data"
+        self.submitted: list[Path] = []
+        self._lock = threading.Lock()
+
+    def submit_file(self, path: Path, cause: str | None = None) -> int | None:
+        with self._lock:
+            self.submitted.append(path)
+            return len(self.submitted)
+
+    def file_removed(self, path: Path) -> None:
+        pass
+
+    def is_settled(self, path: Path, size: int, mtime: float) -> bool:
+        return False
+
+    def known_paths_under(self, folder: Path) -> list[str]:
+        return []
+
+    def schedule(self, name: str, fn: Callable[[], None], interval_s: float) -> None:
+        pass  # the periodic rescan is not part of this test
+
+
+class CountingWatch(FolderWatchPlugin):
+    walks = 0
+
+    def _walk(self, folder: Path) -> list[Path]:
+        CountingWatch.walks += 1
+        return super()._walk(folder)
+
+
+def test_bulk_move_walks_folder_once(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    context = RecordingContext(inbox)
+    plugin = CountingWatch()
+    plugin.start(context)  # type: ignore[arg-type]
+    try:
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        names = [f"note-{i:04d}.txt" for i in range(300)]
+        for name in names:
+            (staging / name).write_text(name, encoding="utf-8")
+        for name in names:
+            os.rename(staging / name, inbox / name)
+        wait_for(lambda: len(context.submitted) >= len(names), 60, "300 submissions")
+    finally:
+        plugin.stop(5)
+    assert sorted(p.name for p in context.submitted) == names
+    # The start-up scan walks the folder once; the moves themselves must not.
+    assert CountingWatch.walks == 1
