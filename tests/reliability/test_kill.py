@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from famulus.ipc.protocol import Topic
 from tests.conftest import CORPUS, DaemonHome, processes_with_home, wait_for, wait_for_none
 from tests.reliability.harness import (
@@ -23,6 +25,7 @@ KILLS = 10
 RUN_TIMEOUT_S = 10 + FILES * 1.5
 
 
+@pytest.mark.timeout(KILLS * 60 + RUN_TIMEOUT_S)
 def test_repeated_kill9_summarizes_each_file_once(daemon_home: DaemonHome) -> None:
     daemon_home.write_config(max_new_tokens=FAST_MAX_NEW_TOKENS, extra=FAST_CONFIG)
     # Fixed seed: a failure can be replayed with the same kill points.

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DaemonHome, wait_for
 from tests.reliability.harness import (
     FAST_CONFIG,
@@ -23,6 +25,7 @@ FILES = int(os.environ.get("FAMULUS_LOAD_FILES", "2000"))
 RUN_TIMEOUT_S = 10 + FILES * 1.5
 
 
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
 def test_bulk_copy_summarized_exactly_once(daemon_home: DaemonHome, tmp_path: Path) -> None:
     daemon_home.write_config(max_new_tokens=FAST_MAX_NEW_TOKENS, extra=FAST_CONFIG)
     proc = daemon_home.start()
