@@ -7,6 +7,8 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from famulus.daemon.extract import extract_text
 from famulus.daemon.grounding.claims import check
 from famulus.ipc.protocol import Topic
@@ -20,6 +22,8 @@ def eval_files() -> list[Path]:
     return [(EVAL_DIR / d["file"]).resolve() for d in data["document"]]
 
 
+# Ten real generations with retries: about 200 s on two idle cores, more on a busy machine.
+@pytest.mark.timeout(900)
 def test_stored_summaries_grounded_or_marked(daemon_home: DaemonHome) -> None:
     daemon_home.write_config(max_new_tokens=120)
     daemon_home.start()
