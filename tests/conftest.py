@@ -254,3 +254,22 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def stop_process(pid: int, timeout: float = 10) -> None:
+    """Send SIGSTOP and wait until every thread of `pid` is stopped.
+
+    The stop takes effect per thread as each one next enters the kernel, so a request sent
+    right after kill() could still be served by a thread that was running.
+    """
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue  # the thread ended meanwhile
+        return bool(states) and all(state in ("T", "t") for state in states)
+    wait_for(all_stopped, timeout, f"every thread of pid {pid} to stop")

@@ -20,13 +20,13 @@ from famulus.ipc.client import (
     Subscriber,
 )
 from famulus.ipc.protocol import Event, Topic
-from tests.conftest import DaemonHome, wait_for
+from tests.conftest import DaemonHome, stop_process, wait_for
 
 
 def test_stopped_daemon_times_out_then_recovers(daemon_home: DaemonHome) -> None:
     proc = daemon_home.start(wait_model=False)
     client = Client(f"ipc://{daemon_home.runtime / 'requests.sock'}", timeout_s=0.5)
-    os.kill(proc.pid, signal.SIGSTOP)
+    stop_process(proc.pid)
     try:
         with pytest.raises(DaemonUnavailable):
             client.call("job", {"id": 1})
@@ -121,7 +121,7 @@ def test_async_client_and_follow(daemon_home: DaemonHome) -> None:
 
     async def scenario() -> list[str]:
         async with AsyncClient(requests, timeout_s=0.5) as client:
-            os.kill(proc.pid, signal.SIGSTOP)
+            stop_process(proc.pid)
             try:
                 with pytest.raises(DaemonUnavailable):
                     await client.call("job", {"id": 1})
