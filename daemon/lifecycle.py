@@ -10,6 +10,7 @@ import enum
 import fcntl
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -121,6 +122,8 @@ class Daemon:
         self.video: VideoSupervisor | None = None
         self._lock = InstanceLock(paths.lock_file)
         self._stop_requested = threading.Event()
+        # Written to wake the main thread in run_until_stopped; None outside of it.
+        self._wake_fd: int | None = None
         self.paused = False
         self._started_at = time.monotonic()
         self.notifier = SystemdNotifier()
@@ -131,6 +134,12 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+        wake = self._wake_fd
+        if wake is not None:
+            try:
+                os.write(wake, b"\0")
+            except OSError:
+                pass  # the pipe is full, so the main thread is awake already, or closed
 
     def reload(self) -> dict[str, list[str]]:
         """Read the config file again and apply what can change while running.
@@ -339,14 +348,31 @@ class Daemon:
 
     def run_until_stopped(self) -> None:
         """Block until SIGINT, SIGTERM or a `shutdown` request, then shut down in stages."""
+        # The kernel may deliver a signal to any thread, and Python runs its handler only in
+        # the main thread: a main thread asleep in a lock wait did not wake for a SIGTERM that
+        # another thread took. The C handler writes every signal to the wakeup fd, and the
+        # main thread sleeps in select on it, so it wakes whichever thread the signal hit.
+        read_fd, write_fd = os.pipe()
+        for fd in (read_fd, write_fd):
+            os.set_blocking(fd, False)
+        previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._wake_fd = write_fd
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._stop_requested.wait(3600):
-                pass
+            while not self._stop_requested.is_set():
+                select.select([read_fd], [], [])
+                try:
+                    os.read(read_fd, 512)
+                except BlockingIOError:
+                    pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_wakeup)
+            self._wake_fd = None
+            os.close(read_fd)
+            os.close(write_fd)
             self.shutdown()
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -20,6 +21,8 @@ from tests.reliability.harness import (
     summarized_count,
 )
 
+# The tgkill system call's number differs between architectures.
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
 FILES = 200
 KILLS = 10
 # About 0.3 s a file on two idle cores; the bound leaves room for a busy machine.
@@ -88,3 +91,33 @@ def test_model_host_kill9_mid_generation_recovers(daemon_home: DaemonHome) -> No
     assert rows[0]["state"] == "done"
     assert rows[0]["attempts"] == 2
     assert len(daemon_home.log.matching(Topic.JOB_DONE, job=job)) == 1
+
+
+def signal_thread(pid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread of another process (tgkill), as the kernel may on its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig}) failed")
+
+
+def accepts_signal(pid: int, tid: int, sig: int) -> bool:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return not int(line.split()[1], 16) & (1 << (sig - 1))
+    return False
+
+
+@pytest.mark.skipif(SYS_TGKILL is None, reason="tgkill number unknown for this machine")
+def test_sigterm_on_worker_thread_stops_daemon(daemon_home: DaemonHome) -> None:
+    proc = daemon_home.start()
+    tids = [int(t.name) for t in Path(f"/proc/{proc.pid}/task").iterdir()]
+    others = [tid for tid in tids if tid != proc.pid and accepts_signal(proc.pid, tid,
+                                                                         signal.SIGTERM)]
+    assert others, "no thread besides the main one accepts SIGTERM"
+    if daemon_home.log is not None:
+        daemon_home.log.close()
+        daemon_home.log = None
+    signal_thread(proc.pid, others[0], signal.SIGTERM)
+    # Python runs the handler in the main thread, which must wake up for it.
+    assert proc.wait(15) == 0
+    assert "received SIGTERM; shutting down" in daemon_home.stderr()
