@@ -1,7 +1,7 @@
 """Bulk load: N small files copied into a watched folder at once.
 
 Runs a real daemon in a temporary home with the default model and copies `--files` distinct
-notes into its watched folder in one go. The report says whether each file was summarized
+notes into its watched folder in one go. The report shows whether each file was summarized
 exactly once: one summary row and one `document.summarized` event per file, no job left or
 failed, and `PRAGMA integrity_check` passing. It also gives the `status` round trip during
 the backlog (p50, p99, max) and the RSS of the daemon and of the model host over the run.

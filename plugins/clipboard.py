@@ -174,7 +174,7 @@ class ClipboardPlugin:
         if self._stopping.is_set():
             return False
         if self._paused.is_set():
-            # Logged once per pause: the polling backend asks at every interval.
+            # Logged once per pause, because the polling backend checks at every interval.
             if self._ctx is not None and not self._pause_logged:
                 self._pause_logged = True
                 self._ctx.logger.info("clipboard change not read: paused")

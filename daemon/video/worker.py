@@ -3,8 +3,8 @@
 The daemon starts it on demand as a separate process, or it runs on another host and connects
 over TCP with CURVE. It connects a DEALER socket to the daemon's worker endpoint, sends
 `hello`, loads the pipeline on a background thread and runs one job at a time there. The main
-thread owns the socket: it relays progress, answers heartbeats and cancels, and exits after
-the idle timeout so that the GPU memory is returned.
+thread owns the socket: it relays progress, replies to heartbeats, handles cancels, and exits
+after the idle timeout so that the GPU memory is returned.
 
 torch and diffusers are imported only inside the functions that run the pipeline, so the
 daemon can import this module (for the command line) without loading them.
