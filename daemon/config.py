@@ -111,6 +111,18 @@ class ModelSection:
         min=128)
     npu_min_response_len: int = _setting(
         256, "NPU only: static response length (MIN_RESPONSE_LEN).", min=16)
+    keep_alive_s: float = _setting(
+        0.0, "On mains power, unload the model after this long without a request; 0 keeps "
+        "it loaded. On battery power.battery_keep_alive_s applies.", min=0.0)
+
+
+# Keys that a `[models.NAME]` table may set. Each one left out takes the value of the same key
+# in [model] (or power.battery_keep_alive_s).
+MODEL_TABLE_KEYS = ("path", "kind", "devices", "max_prompt_tokens", "max_new_tokens",
+                    "repetition_penalty", "generation_timeout_s", "load_timeout_s",
+                    "npu_max_prompt_len", "npu_min_response_len", "keep_alive_s",
+                    "battery_keep_alive_s")
+MODEL_KINDS = ("llm", "vlm")
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,9 @@ class JobsSection:
         min=1)
     restart_backoff_s: float = _setting(
         1.0, "First wait before restarting a crashed model host; doubles up to 60 s.", min=0.0)
+    max_queued_requests: int = _setting(
+        32, "Most interactive requests (summarize, ask) waiting at once; one more gets a "
+        "`busy` error reply.", min=1)
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,9 @@ class Config:
     # schema when it starts (see `parse_plugin_section`).
     plugins: types.MappingProxyType[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False)
+    # The `[models.NAME]` tables, validated: only the keys each table sets.
+    models: types.MappingProxyType[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False)
     source: str = field(default="defaults", compare=False)
 
     def watch_folders(self) -> list[Path]:
@@ -250,7 +268,7 @@ class Config:
 _CONFIG_HINTS = typing.get_type_hints(Config)
 SECTIONS: dict[str, type] = {
     f.name: _CONFIG_HINTS[f.name] for f in dataclasses.fields(Config)
-    if f.name not in ("source", "plugins")
+    if f.name not in ("source", "plugins", "models")
 }
 
 
@@ -298,13 +316,16 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
         if name == "plugins":
             sections[name] = _parse_plugin_tables(value, source)
             continue
+        if name == "models":
+            sections[name] = _parse_model_tables(value, source)
+            continue
         owners = [key for key, _, _ in settings() if key.endswith(f".{name}")]
         if not isinstance(value, dict) and owners:
             raise ConfigError(f"{source}: `{name}` is outside any section; put it under its "
                               f"section as {' or '.join(owners)}")
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
-                              f"{', '.join(SECTIONS)}, plugins.NAME")
+                              f"{', '.join(SECTIONS)}, models.NAME, plugins.NAME")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: `{name}` must be a table ([{name}]), not {value!r}")
         sections[name] = _parse_section(name, SECTIONS[name], value, source)
@@ -316,6 +337,32 @@ def _parse_plugin_tables(value: Any, source: str) -> types.MappingProxyType[str,
         raise ConfigError(f"{source}: [plugins] may only contain one table per plugin, "
                           "such as [plugins.clipboard]; move other keys into such a table")
     return types.MappingProxyType({name: dict(table) for name, table in value.items()})
+
+
+def _parse_model_tables(value: Any, source: str) -> types.MappingProxyType[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{source}: [models] may only contain one table per model, such as "
+                          "[models.mistral-7b]; move other keys into such a table")
+    fields = {f.name: f for f in dataclasses.fields(ModelSection)}
+    fields.update({f.name: f for f in dataclasses.fields(PowerSection)})
+    hints = {**typing.get_type_hints(ModelSection), **typing.get_type_hints(PowerSection)}
+    tables = {}
+    for name, table in value.items():
+        parsed: dict[str, Any] = {}
+        for key, item in table.items():
+            if key == "kind":
+                if item not in MODEL_KINDS:
+                    raise ConfigError(f"{source}: invalid value {item!r} for models.{name}.kind:"
+                                      f" use one of {', '.join(MODEL_KINDS)}")
+                parsed[key] = item
+                continue
+            if key not in MODEL_TABLE_KEYS:
+                raise ConfigError(f"{source}: unknown key models.{name}.{key}; known keys: "
+                                  f"{', '.join(MODEL_TABLE_KEYS)}")
+            parsed[key] = _check_value(f"models.{name}.{key}", item, hints[key], fields[key],
+                                       source)
+        tables[name] = types.MappingProxyType(parsed)
+    return types.MappingProxyType(tables)
 
 
 def parse_plugin_section(config: Config, name: str, schema: type) -> Any:

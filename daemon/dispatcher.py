@@ -21,18 +21,23 @@ from famulus.daemon.documents import DocState, FileInfo, Outcome
 from famulus.daemon.extract import ExtractionError
 from famulus.daemon.extract.sandbox import ExtractionSandbox
 from famulus.daemon.grounding.policy import Action, ground, unchecked
-from famulus.daemon.journal import Job, JobKind
+from famulus.daemon.journal import MODEL_LANES, Job, JobKind
+from famulus.daemon.model.catalog import ModelSpec
 from famulus.daemon.model.registry import sha256_of
 from famulus.daemon.model.summarize import (
     DEFAULT_PROMPTS,
     STRICT_PROMPTS,
     Budget,
+    DegenerateOutput,
     EmptySummary,
     Prompts,
     Summarizer,
+    generate_clean,
 )
 from famulus.daemon.model.supervisor import (
     GenerationStopped,
+    HostCrashed,
+    HostTimeout,
     LoadFailed,
     ModelError,
     ModelHost,
@@ -57,13 +62,19 @@ class PermanentFailure(Exception):
 
 class Dispatcher:
     def __init__(self, config: Config, store: Store, model: ModelHost | None,
-                 model_name: str, model_error: str | None = None) -> None:
+                 model_name: str, model_error: str | None = None,
+                 model_spec: ModelSpec | None = None) -> None:
         self.config = config
         self.store = store
         self.model = model
         self.model_name = model_name
         self.model_error = model_error
+        # Generation settings: the model's own ([models.NAME] over [model]) when resolved.
+        self.generation: ModelSpec | Any = model_spec or config.model
         self.current_job: int | None = None
+        # The jobs in progress: the outer one and, while it yields between two chunks, the
+        # more urgent ones run inside it (see _yield_to_urgent).
+        self._running: list[int] = []
         # Lanes whose jobs stay queued for now: the folder backlog while on battery.
         self.deferred_lanes: frozenset[journal.Lane] = frozenset()
         self._cancel_job: int | None = None
@@ -86,11 +97,13 @@ class Dispatcher:
             self._wake.notify()
 
     def cancel(self, job_id: int) -> bool:
-        """Stop the running job `job_id`; return False when it is not the running job."""
-        if self.current_job != job_id:
+        """Stop the running job `job_id`; return False when it is not a running job."""
+        if job_id not in self._running:
             return False
         self._cancel_job = job_id
-        if self.model is not None:
+        # A job paused for a more urgent one stops at its next chunk; only the innermost
+        # job is generating now.
+        if self.model is not None and self._running[-1] == job_id:
             self.model.cancel()
         return True
 
@@ -127,20 +140,42 @@ class Dispatcher:
                     while not self._pending_wake and not self._stopping.is_set():
                         self._wake.wait()
                 continue
-            self.current_job = job.id
-            try:
-                self._run_job(job)
-            except StorageFull:
-                self._requeue_when_writable(job)
-            except Exception as exc:
-                # A bug must cost one job, not the dispatcher thread.
-                logger.exception("job failed with an internal error: job=%d", job.id)
-                failure = PermanentFailure("internal", f"internal error: {type(exc).__name__}: "
-                                           f"{exc}")
-                self._finish(job, partial(self._fail_permanently, job=job, exc=failure))
-            finally:
-                self.current_job = None
+            self._run_guarded(job)
             self._log_backlog()
+
+    def _run_guarded(self, job: Job) -> None:
+        outer = self.current_job
+        self.current_job = job.id
+        self._running.append(job.id)
+        try:
+            self._run_job(job)
+        except StorageFull:
+            self._requeue_when_writable(job)
+        except Exception as exc:
+            # A bug must cost one job, not the dispatcher thread.
+            logger.exception("job failed with an internal error: job=%d", job.id)
+            failure = PermanentFailure("internal", f"internal error: {type(exc).__name__}: "
+                                       f"{exc}")
+            self._finish(job, partial(self._fail_permanently, job=job, exc=failure))
+        finally:
+            self._running.pop()
+            self.current_job = outer
+
+    def _yield_to_urgent(self, job: Job) -> None:
+        """Run queued jobs of more urgent lanes now, between two chunks of `job`.
+
+        One generation runs at a time, so an interactive request waits at most for the chunk
+        in progress of a long background document, not for the whole document.
+        """
+        urgent_lanes = tuple(lane for lane in MODEL_LANES if lane < job.lane)
+        while urgent_lanes and not self._stopping.is_set():
+            urgent = self.store.call(partial(journal.claim_next, lanes=urgent_lanes,
+                                             skip_lanes=self.deferred_lanes))
+            if urgent is None:
+                return
+            logger.info("job %d pauses between chunks for more urgent job %d", job.id,
+                        urgent.id)
+            self._run_guarded(urgent)
 
     def _requeue_when_writable(self, job: Job) -> None:
         """Queue a job again once its result could not be recorded for lack of disk space.
@@ -169,26 +204,20 @@ class Dispatcher:
             logger.error("no model: %s. Documents wait in the queue.", self.model_error)
             self._stopping.wait()
             return False
-        self._emit(Topic.MODEL_LOADING, {"model": self.model_name,
-                                         "devices": list(self.config.model.devices)})
+        # The model host announces model.loading, model.loaded and model.failed itself, for
+        # this first load and for every reload after an idle unload or a crash.
         try:
-            state = self.model.ensure_loaded()
+            self.model.ensure_loaded()
         except ModelError as exc:
             self.model_error = str(exc)
             if self._stopping.is_set():
                 return False
-            self._emit(Topic.MODEL_FAILED, {"model": self.model_name, "error": str(exc)})
             logger.error("model %s failed to load: %s. Documents wait in the queue.",
                          self.model_name, exc)
             # TODO: retry the load when the model's config changes. `reload` reports model
             # keys as needing a restart, so today only a restart retries it.
             self._stopping.wait()
             return False
-        self._emit(Topic.MODEL_LOADED, {"model": self.model_name, "device": state.device,
-                                        "load_s": state.load_s,
-                                        "device_errors": state.device_errors})
-        logger.info("model loaded: model=%s device=%s load_s=%s", self.model_name,
-                    state.device, state.load_s)
         return True
 
     def _emit(self, topic: str, body: dict[str, Any], cause: str | None = None) -> None:
@@ -214,6 +243,10 @@ class Dispatcher:
                 plugin_jobs.run_digest(self, job)
             else:
                 raise PermanentFailure("unknown_kind", f"unknown job kind {job.kind!r}")
+        except DegenerateOutput as exc:
+            failure = PermanentFailure("degenerate_output", str(exc))
+            logger.warning("job failed: job=%d reason=%s", job.id, exc)
+            self._finish(job, partial(self._fail_permanently, job=job, exc=failure))
         except PermanentFailure as exc:
             logger.warning("job failed: job=%d reason=%s", job.id, exc)
             self._finish(job, partial(self._fail_permanently, job=job, exc=exc))
@@ -224,7 +257,8 @@ class Dispatcher:
             else:
                 self._retry_or_fail(job, exc)
         finally:
-            self._cancel_job = None
+            if self._cancel_job == job.id:
+                self._cancel_job = None
 
     def _cancelled(self, tx: Tx, job: Job) -> None:
         reason = "cancelled by request"
@@ -240,12 +274,18 @@ class Dispatcher:
             self._finish(job, lambda tx: journal.requeue(tx, job, None, count_attempt=False))
             return
         permanent = isinstance(exc, LoadFailed)
-        if not permanent and job.attempts < self.config.jobs.max_attempts:
+        attempts = self.config.jobs.max_attempts
+        crashed = isinstance(exc, (HostCrashed, HostTimeout))
+        if crashed:
+            # A job that crashes the host may well be the cause: retry it once, not more.
+            attempts = min(attempts, 2)
+        if not permanent and job.attempts < attempts:
             logger.warning("job failed, will retry: job=%d attempt=%d error=%s", job.id,
                            job.attempts, exc)
             self._finish(job, lambda tx: journal.requeue(tx, job, str(exc)))
             return
-        failure = PermanentFailure("model_error", f"summary failed after {job.attempts} "
+        what = "the model host crashed" if crashed else "summary failed"
+        failure = PermanentFailure("model_error", f"{what} after {job.attempts} "
                                    f"attempt(s): {exc}")
         logger.error("job failed: job=%d error=%s", job.id, exc)
         self._finish(job, lambda tx: self._fail_permanently(tx, job, failure))
@@ -319,21 +359,19 @@ class Dispatcher:
         prompt = str(job.payload.get("prompt", "")).strip()
         if not prompt:
             raise PermanentFailure("no_text", "the prompt is empty")
-        cfg = self.config.model
+        cfg = self.generation
         if self._cancel_job == job.id:
             raise GenerationStopped("generation cancelled by request")
         stream = self._token_stream(job)
-        reply = self.model.generate(
-            [{"role": "user", "content": prompt}],
+        text, replies = generate_clean(
+            self.model, [{"role": "user", "content": prompt}],
             max_new_tokens=int(job.payload.get("max_new_tokens") or cfg.max_new_tokens),
             repetition_penalty=cfg.repetition_penalty, timeout_s=cfg.generation_timeout_s,
             on_token=stream.add if stream else None)
         if stream:
             stream.flush()
-        text = str(reply["text"]).strip()
-        if not text:
-            raise EmptySummary("the model returned an empty reply")
-        result = {"text": text, "tokens": reply["tokens"], "generation_s": reply["generation_s"],
+        result = {"text": text, "tokens": sum(int(r["tokens"]) for r in replies),
+                  "generation_s": round(sum(float(r["generation_s"]) for r in replies), 3),
                   "model": self.model_name, "device": self._device()}
         self._finish(job, lambda tx: journal.finish(tx, job, result))
 
@@ -373,7 +411,7 @@ class Dispatcher:
 
     def _summarizer(self, job: Job, prompts: Prompts = DEFAULT_PROMPTS) -> Summarizer:
         assert self.model is not None
-        cfg = self.config.model
+        cfg = self.generation
         budget = Budget(max_prompt_tokens=self._prompt_budget(),
                         max_new_tokens=cfg.max_new_tokens,
                         repetition_penalty=cfg.repetition_penalty,
@@ -382,6 +420,7 @@ class Dispatcher:
         stream = self._token_stream(job)
 
         def progress(done: int, total: int) -> None:
+            self._yield_to_urgent(job)
             # A cancel that arrives between two generations takes effect before the next.
             if self._cancel_job == job.id:
                 raise GenerationStopped("generation cancelled by request")
@@ -391,7 +430,7 @@ class Dispatcher:
                           on_token=stream.add if stream else None)
 
     def _prompt_budget(self) -> int:
-        cfg = self.config.model
+        cfg = self.generation
         if self._device() == "NPU":
             return min(cfg.max_prompt_tokens, cfg.npu_max_prompt_len)
         return cfg.max_prompt_tokens

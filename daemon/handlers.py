@@ -8,7 +8,10 @@ only read the store or queue short writes.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +19,15 @@ from famulus.daemon import documents, journal
 from famulus.daemon.config import ConfigError
 from famulus.daemon.documents import FileInfo
 from famulus.daemon.journal import JobKind, JobState, Lane
+from famulus.daemon.model.supervisor import ModelError, ModelHost
 from famulus.daemon.video.requests import make_video_handlers
 from famulus.ipc.protocol import PROTOCOL_VERSION, ErrorCode, Method, Request
 from famulus.ipc.server import Handler, RequestError
 
 if TYPE_CHECKING:
     from famulus.daemon.lifecycle import Daemon
+
+logger = logging.getLogger(__name__)
 
 
 def _int_param(request: Request, name: str, default: int | None = None) -> int:
@@ -65,6 +71,16 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
                 "power": daemon.power_status(),
                 "video": daemon.video.status() if daemon.video else None}
 
+    def check_not_busy() -> None:
+        limit = daemon.config.jobs.max_queued_requests
+        waiting = store.read().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = ? AND lane = ?",
+            (JobState.QUEUED, int(Lane.INTERACTIVE))).fetchone()[0]
+        if waiting >= limit:
+            raise RequestError(ErrorCode.BUSY, f"{waiting} requests are already waiting "
+                               f"(jobs.max_queued_requests={limit}); try again when one has "
+                               "finished, or raise that limit")
+
     def summarize(request: Request) -> dict[str, Any]:
         """Queue a summary of a file (`path`) or of inline `text` in the interactive lane.
 
@@ -76,6 +92,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         stream = _bool_param(request, "stream", False)
         if (path is None) == (text is None):
             raise RequestError(ErrorCode.INVALID_PARAMS, "give exactly one of `path` and `text`")
+        check_not_busy()
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise RequestError(ErrorCode.INVALID_PARAMS, "`text` must be non-empty text")
@@ -114,6 +131,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(ErrorCode.INVALID_PARAMS, "`prompt` must be non-empty text")
         stream = _bool_param(request, "stream", False)
+        check_not_busy()
         limit = request.params.get("max_new_tokens")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or not 1 <= limit <= 4096):
@@ -278,6 +296,47 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         except ConfigError as exc:
             raise RequestError(ErrorCode.INVALID_PARAMS, f"config not reloaded: {exc}") from None
 
+    def resident_model() -> ModelHost:
+        if daemon.model is None:
+            error = daemon.dispatcher.model_error if daemon.dispatcher else None
+            raise RequestError(ErrorCode.CONFLICT, f"no model is configured: {error}")
+        return daemon.model
+
+    def in_background(name: str, fn: Callable[[], Any]) -> None:
+        # Loading or unloading takes seconds to minutes; the bus thread must not wait. The
+        # outcome arrives as model.loaded, model.unloaded or model.failed.
+        def run() -> None:
+            try:
+                fn()
+            except ModelError as exc:
+                logger.warning("%s of the model failed: %s", name, exc)
+        threading.Thread(target=run, name=f"model-{name}", daemon=True).start()
+
+    def model_load(request: Request) -> dict[str, Any]:
+        """Load the model now, if it is not loaded. Result: {"model", "state"}."""
+        model = resident_model()
+        in_background("load", model.ensure_loaded)
+        return {"model": model.name, "state": model.state.state}
+
+    def model_unload(request: Request) -> dict[str, Any]:
+        """Unload the model after the running generation, if any. Result: {"model", "state"}."""
+        model = resident_model()
+        in_background("unload", model.unload_now)
+        return {"model": model.name, "state": model.state.state}
+
+    def model_pin(request: Request) -> dict[str, Any]:
+        """Pin (`pinned`: true, the default) or unpin the model.
+
+        A pinned model is loaded now and stays loaded whatever its keep-alive. Result:
+        {"model", "pinned"}.
+        """
+        model = resident_model()
+        pinned = _bool_param(request, "pinned", True)
+        model.pin(pinned)
+        if pinned:
+            in_background("load", model.ensure_loaded)
+        return {"model": model.name, "pinned": pinned}
+
     def shutdown(request: Request) -> dict[str, Any]:
         """Ask the daemon to stop (staged shutdown, as after SIGTERM)."""
         daemon.request_stop()
@@ -287,6 +346,8 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
             Method.ASK: ask, Method.JOBS: jobs, Method.CANCEL: cancel, Method.SEARCH: search,
             Method.PAUSE: pause, Method.RESUME: resume, Method.RELOAD: reload,
             Method.EVENTS: events, Method.SHUTDOWN: shutdown, Method.PLUGINS: plugins,
+            Method.MODEL_LOAD: model_load, Method.MODEL_UNLOAD: model_unload,
+            Method.MODEL_PIN: model_pin,
             **make_video_handlers(daemon)}
 
 

@@ -25,7 +25,9 @@ from famulus.daemon.desktop import DesktopGate
 from famulus.daemon.dispatcher import Dispatcher
 from famulus.daemon.handlers import make_handlers
 from famulus.daemon.journal import Lane, recover_interrupted
-from famulus.daemon.model.registry import ModelNotFound, resolve
+from famulus.daemon.model import catalog
+from famulus.daemon.model.catalog import ModelSpec
+from famulus.daemon.model.registry import ModelNotFound
 from famulus.daemon.model.supervisor import ModelHost
 from famulus.daemon.paths import UserPaths, ensure_private_dir
 from famulus.daemon.plugin_host import PluginHost, PluginRecord
@@ -115,6 +117,7 @@ class Daemon:
         self.store: Store = None  # type: ignore[assignment]
         self.bus: BusServer | None = None
         self.model: ModelHost | None = None
+        self.model_spec: ModelSpec | None = None
         self.dispatcher: Dispatcher | None = None
         self.plugin_host: PluginHost | None = None
         self.scheduler = Scheduler(config.schedule.misfire_grace_s)
@@ -201,6 +204,8 @@ class Daemon:
         if self.dispatcher is not None:
             self.dispatcher.deferred_lanes = self._deferred_lanes()
             self.dispatcher.wake()
+        if self.model is not None:
+            self.model.set_on_battery(new.on_battery)
         if old is not None or new.on_battery:
             self.store.submit(lambda tx: tx.emit(Topic.POWER_CHANGED, {
                 **new.to_dict(), "backlog_deferred": defer}))
@@ -226,10 +231,10 @@ class Daemon:
         dispatcher = self.dispatcher
         if self.model is None:
             return {"state": "missing", "error": dispatcher.model_error if dispatcher else None}
-        s = self.model.state
-        return {"state": s.state, "name": self.config.model.name, "path": s.model,
-                "device": s.device, "load_s": s.load_s, "error": s.error,
-                "device_errors": s.device_errors, "restarts": s.restarts, "pid": s.pid}
+        spec = self.model_spec
+        return {**self.model.state.as_dict(), "name": self.config.model.name,
+                "path": str(spec.path) if spec else None, "kind": spec.kind if spec else None,
+                "keep_alive_s": self.model.keep_alive()}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -296,8 +301,6 @@ class Daemon:
         if self.config.power.check_interval_s > 0:
             self.scheduler.add_interval("power", self.power.check,
                                         self.config.power.check_interval_s)
-        # TODO: add the model residency check here once the model can be unloaded when idle;
-        # power.battery_keep_alive_s is its setting on battery.
         self.scheduler.start()
 
     def _tcp_endpoints(self) -> TcpEndpoints | None:
@@ -314,22 +317,29 @@ class Daemon:
         cfg = self.config.model
         error = None
         try:
-            path = resolve(self.paths.models_dir, cfg.name, cfg.path)
-            self.model = ModelHost({
-                "path": str(path), "devices": list(cfg.devices),
-                "cache_dir": str(self.paths.cache_dir / "compiled"),
-                "npu_max_prompt_len": cfg.npu_max_prompt_len,
-                "npu_min_response_len": cfg.npu_min_response_len,
-                "load_timeout_s": cfg.load_timeout_s,
-            }, backoff_s=self.config.jobs.restart_backoff_s)
+            self.model_spec = catalog.spec(self.config, self.paths.models_dir, cfg.name)
+            self.model = self._model_host(self.model_spec)
         except ModelNotFound as exc:
             error = str(exc)
         # Summaries record the model by name; a configured path is recorded by file name.
         name = Path(cfg.path).name if cfg.path else cfg.name
         self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
-                                     model_error=error)
+                                     model_error=error, model_spec=self.model_spec)
         self.dispatcher.deferred_lanes = self._deferred_lanes()
         self.dispatcher.start()
+
+    def _model_host(self, spec: ModelSpec) -> ModelHost:
+        """A model host for `spec` whose loads, unloads and failures become bus events."""
+        def emit(topic: str, body: dict[str, Any]) -> None:
+            self.store.submit(lambda tx: tx.emit(topic, body))
+
+        host = ModelHost(spec.load_params(self.paths.cache_dir), name=spec.name,
+                         backoff_s=self.config.jobs.restart_backoff_s, on_event=emit,
+                         keep_alive_s=spec.keep_alive_s,
+                         battery_keep_alive_s=spec.battery_keep_alive_s)
+        state = self.power.state
+        host.set_on_battery(state is not None and state.on_battery)
+        return host
 
     def _start_video(self) -> None:
         keys = KeyStore.default().folder if self.config.video.tcp_endpoint else None

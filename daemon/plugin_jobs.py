@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from famulus.daemon import journal
 from famulus.daemon.journal import Job
-from famulus.daemon.model.summarize import EmptySummary
+from famulus.daemon.model.summarize import generate_clean
 from famulus.daemon.store import Tx
 from famulus.ipc.protocol import Topic, now
 
@@ -40,14 +40,11 @@ def run_clipboard_action(d: Dispatcher, job: Job) -> None:
     instruction = str(payload.get("prompt", "")).replace(
         "{language}", str(payload.get("language", "")))
     content, truncated = _fit(d, instruction, text)
-    cfg = d.config.model
-    reply = d.model.generate([{"role": "user", "content": content}],
-                             max_new_tokens=cfg.max_new_tokens,
-                             repetition_penalty=cfg.repetition_penalty,
-                             timeout_s=cfg.generation_timeout_s)
-    output = str(reply["text"]).strip()
-    if not output:
-        raise EmptySummary("the model returned an empty reply")
+    cfg = d.generation
+    output, _ = generate_clean(d.model, [{"role": "user", "content": content}],
+                               max_new_tokens=cfg.max_new_tokens,
+                               repetition_penalty=cfg.repetition_penalty,
+                               timeout_s=cfg.generation_timeout_s)
     sha256 = str(payload.get("sha256", ""))
     keep = int(payload.get("max_results") or 0)
 

@@ -54,6 +54,7 @@ class Topic:
     MODEL_LOADING = "model.loading"
     MODEL_LOADED = "model.loaded"
     MODEL_FAILED = "model.failed"
+    MODEL_UNLOADED = "model.unloaded"
     PLUGIN_FAILED = "plugin.failed"
     PLUGIN_DISABLED = "plugin.disabled"
     CLIPBOARD_RESULT = "clipboard.result"
@@ -82,6 +83,9 @@ class Method:
     SHUTDOWN = "shutdown"
     PLUGINS = "plugins"
     VIDEO_SUBMIT = "video.submit"
+    MODEL_LOAD = "model.load"
+    MODEL_UNLOAD = "model.unload"
+    MODEL_PIN = "model.pin"
 
 
 class ErrorCode:
@@ -93,6 +97,7 @@ class ErrorCode:
     TOO_LARGE = "too_large"
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
+    BUSY = "busy"
     UNSUPPORTED_VERSION = "unsupported_version"
     INTERNAL = "internal"
 

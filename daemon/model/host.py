@@ -32,6 +32,25 @@ class HostError(Exception):
         self.kind = kind
 
 
+# Test seam for accelerators this machine lacks: "GPU=crash,NPU=hang" makes those devices
+# look available, and loading on them aborts the process (as a driver crash does) or hangs.
+DEVICE_FAULTS_ENV = "FAMULUS_TEST_DEVICE_FAULTS"
+
+
+def device_faults() -> dict[str, str]:
+    spec = os.environ.get(DEVICE_FAULTS_ENV, "")
+    pairs = (item.partition("=") for item in spec.split(",") if "=" in item)
+    return {device.strip(): fault.strip() for device, _, fault in pairs}
+
+
+def inject_fault(fault: str) -> None:
+    if fault == "crash":
+        os.abort()
+    if fault == "hang":
+        threading.Event().wait()
+    raise RuntimeError(f"injected load failure ({fault})")
+
+
 def npu_properties(params: dict[str, Any]) -> dict[str, Any]:
     # The NPU compiles for static shapes, so it needs both lengths up front.
     return {"MAX_PROMPT_LEN": int(params["npu_max_prompt_len"]),
@@ -77,14 +96,24 @@ class Host:
         import openvino_genai
 
         path, order = request["path"], list(request["devices"])
-        available = openvino.Core().available_devices
+        faults = device_faults()
+        available = [*openvino.Core().available_devices, *faults]
         errors: dict[str, str] = {}
+        rid = request.get("id")
+
+        def failed(device: str, error: str) -> None:
+            errors[device] = error
+            self.reply({"id": rid, "stream": f"error:{device}:{error}"})
+
         for device in order:
             # Checking first matters: a missing NPU raises a misleading error about
             # undeclared parameters instead of saying that there is no NPU.
             if not any(d == device or d.startswith(device + ".") for d in available):
-                errors[device] = f"not available (devices found: {', '.join(available)})"
+                failed(device, f"not available (devices found: {', '.join(available)})")
                 continue
+            self.reply({"id": rid, "stream": f"trying:{device}"})
+            if device in faults:
+                inject_fault(faults[device])
             props: dict[str, Any] = {}
             if request.get("cache_dir"):
                 props["CACHE_DIR"] = request["cache_dir"]
@@ -94,7 +123,7 @@ class Host:
             try:
                 pipe = openvino_genai.LLMPipeline(path, device, **props)
             except Exception as exc:  # any load or compile failure means: try the next device
-                errors[device] = f"{type(exc).__name__}: {exc}".strip()[:500]
+                failed(device, f"{type(exc).__name__}: {exc}".strip()[:500])
                 continue
             self.pipe, self.tokenizer, self.device = pipe, pipe.get_tokenizer(), device
             return {"device": device, "load_s": round(time.monotonic() - started, 3),
@@ -121,6 +150,8 @@ class Host:
         config = openvino_genai.GenerationConfig()
         config.max_new_tokens = int(request["max_new_tokens"])
         config.repetition_penalty = float(request.get("repetition_penalty", 1.0))
+        if int(request.get("no_repeat_ngram_size") or 0) > 0:
+            config.no_repeat_ngram_size = int(request["no_repeat_ngram_size"])
         config.apply_chat_template = False
         config.do_sample = False
         deadline = time.monotonic() + float(request["timeout_s"])

@@ -7,10 +7,15 @@ even they do not fit. Token counts come from the model's own tokenizer in the ho
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from famulus.daemon.model.hygiene import clean, degenerate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,53 @@ class EmptySummary(Exception):
     """The model returned empty or whitespace-only text."""
 
 
+class DegenerateOutput(EmptySummary):
+    """The output was empty or degenerate, and so was the retry with different settings."""
+
+
 class Model(Protocol):
     def count_tokens(self, prompts: list[list[dict[str, str]]]) -> list[int]: ...
 
     def generate(self, messages: list[dict[str, str]], *, max_new_tokens: int,
                  repetition_penalty: float, timeout_s: float,
-                 on_token: Callable[[str], None] | None = None) -> dict[str, Any]: ...
+                 on_token: Callable[[str], None] | None = None,
+                 no_repeat_ngram_size: int = 0) -> dict[str, Any]: ...
+
+
+# Settings of the second attempt after degenerate output: a stronger repetition penalty and
+# no repeated word triple, which break the loops small models fall into.
+RETRY_MIN_PENALTY = 1.3
+RETRY_NGRAM = 3
+
+
+def generate_clean(model: Model, messages: list[dict[str, str]], *, max_new_tokens: int,
+                   repetition_penalty: float, timeout_s: float,
+                   on_token: Callable[[str], None] | None = None
+                   ) -> tuple[str, list[dict[str, Any]]]:
+    """Generate, trim leaked template tokens, and retry once when the output is degenerate.
+
+    Returns the text and every reply (for token counts). Raises DegenerateOutput with both
+    reasons when the retry is degenerate too.
+    """
+    reply = model.generate(messages, max_new_tokens=max_new_tokens,
+                           repetition_penalty=repetition_penalty, timeout_s=timeout_s,
+                           on_token=on_token)
+    text = clean(str(reply["text"]))
+    reason = degenerate(text)
+    if reason is None:
+        return text, [reply]
+    penalty = max(RETRY_MIN_PENALTY, repetition_penalty + 0.2)
+    logger.info("model output rejected (%s); generating once more with repetition_penalty=%.2f "
+                "and no_repeat_ngram_size=%d", reason, penalty, RETRY_NGRAM)
+    retry = model.generate(messages, max_new_tokens=max_new_tokens,
+                           repetition_penalty=penalty, timeout_s=timeout_s,
+                           on_token=on_token, no_repeat_ngram_size=RETRY_NGRAM)
+    text = clean(str(retry["text"]))
+    second = degenerate(text)
+    if second is not None:
+        raise DegenerateOutput(f"{reason}; again with repetition_penalty={penalty:.2f} and "
+                               f"no_repeat_ngram_size={RETRY_NGRAM}: {second}")
+    return text, [reply, retry]
 
 
 @dataclass(frozen=True)
@@ -127,16 +173,14 @@ class Summarizer:
 
     def _generate(self, template: str, text: str, result: SummaryResult) -> str:
         messages = messages_for(template, text, self.prompts.system)
-        reply = self.model.generate(messages, max_new_tokens=self.budget.max_new_tokens,
-                                    repetition_penalty=self.budget.repetition_penalty,
-                                    timeout_s=self.budget.timeout_s,
-                                    on_token=self.on_token)
-        out = str(reply["text"]).strip()
-        result.steps.append(str(reply.get("finish", "")))
-        result.generated_tokens += int(reply.get("tokens", 0))
-        result.generation_s += float(reply.get("generation_s", 0.0))
-        if not out:
-            raise EmptySummary("the model returned an empty summary")
+        out, replies = generate_clean(self.model, messages,
+                                      max_new_tokens=self.budget.max_new_tokens,
+                                      repetition_penalty=self.budget.repetition_penalty,
+                                      timeout_s=self.budget.timeout_s, on_token=self.on_token)
+        for reply in replies:
+            result.steps.append(str(reply.get("finish", "")))
+            result.generated_tokens += int(reply.get("tokens", 0))
+            result.generation_s += float(reply.get("generation_s", 0.0))
         return out
 
     def chunk(self, text: str, template: str) -> list[str]:
