@@ -320,6 +320,73 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model_list(args: argparse.Namespace) -> int:
+    """List the registered and configured models: size, kind, devices and state."""
+    from famulus.daemon.model import catalog
+    from famulus.daemon.model.registry import ModelNotFound
+    from famulus.ipc.client import DaemonUnavailable
+
+    paths = user_paths()
+    config = load_config(paths, args.config)
+    try:
+        with _client(args) as client:
+            running = client.call("status", timeout_s=2.0)["model"]
+    except DaemonUnavailable:
+        running = None
+    rows = []
+    for name in catalog.names(config, paths.models_dir):
+        try:
+            spec = catalog.spec(config, paths.models_dir, name)
+        except ModelNotFound as exc:
+            rows.append({"name": name, "error": str(exc)})
+            continue
+        row = {"name": name, "kind": spec.kind, "format": spec.format,
+               "size_bytes": spec.size_bytes(), "devices": list(spec.devices),
+               "path": str(spec.path), "default": name == config.model.name,
+               "state": "daemon not running" if running is None else "not loaded",
+               "device": None}
+        if running is not None and running.get("name") == name:
+            row["state"], row["device"] = running["state"], running.get("device")
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no models; run `famulus model pull` or `famulus model import`", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{'NAME':32} {'KIND':4} {'SIZE':>9} {'DEVICES':16} STATE")
+    for row in rows:
+        mark = "*" if row.get("default") else " "
+        if "error" in row:
+            print(f"{mark}{row['name']:31} unusable: {row['error']}")
+            continue
+        state = row["state"] + (f" on {row['device']}" if row["device"] else "")
+        print(f"{mark}{row['name']:31} {row['kind']:4} {row['size_bytes'] / 2**20:7.1f}Mi "
+              f"{','.join(row['devices']):16} {state}")
+    print("* the model for documents (model.name)")
+    return EXIT_OK
+
+
+def cmd_model_control(args: argparse.Namespace) -> int:
+    """Ask the running daemon to load, unload, pin or unpin its model."""
+    from famulus.ipc.client import BusError, DaemonUnavailable
+
+    method, params = {"load": ("model.load", {}), "unload": ("model.unload", {}),
+                      "pin": ("model.pin", {"pinned": True}),
+                      "unpin": ("model.pin", {"pinned": False})}[args.model_command]
+    try:
+        with _client(args) as client:
+            result = client.call(method, params)
+    except DaemonUnavailable as exc:
+        print(f"famulus is not running: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except BusError as exc:
+        print(f"{method} failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(result))
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create CURVE keys or authorize a client key for the TCP endpoints."""
     from famulus.ipc import security
@@ -343,7 +410,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from famulus.daemon.model.registry import ModelNotFound, resolve
+    from famulus.daemon.model import catalog
+    from famulus.daemon.model.registry import ModelNotFound
 
     paths = user_paths()
     path, _named = config_path(paths, args.config)
@@ -360,11 +428,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for item in describe(config):
         print(f"  {item}")
     try:
-        model = resolve(paths.models_dir, config.model.name, config.model.path)
+        model = catalog.spec(config, paths.models_dir, config.model.name)
     except ModelNotFound as exc:
         print(f"model: not usable: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"model: {model}")
+    print(f"model: {model.path}")
     return EXIT_OK
 
 
@@ -513,6 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to pull (default: smollm2-135m-instruct)")
     p.add_argument("--file", help="register this local file instead of downloading it")
     p.set_defaults(fn=cmd_model_pull)
+    p = model.add_parser("list", help="list the registered and configured models")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(fn=cmd_model_list)
+    for name, text in (("load", "load the daemon's model now"),
+                       ("unload", "unload the daemon's model (the next job loads it again)"),
+                       ("pin", "keep the daemon's model loaded whatever its keep-alive"),
+                       ("unpin", "let the keep-alive unload the model again")):
+        model.add_parser(name, help=text).set_defaults(fn=cmd_model_control)
 
     keys = sub.add_parser("keys", help="CURVE keys for the TCP endpoints").add_subparsers(
         dest="keys_command", required=True)

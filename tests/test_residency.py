@@ -247,3 +247,13 @@ def test_compile_cache_is_per_model_and_openvino_version(tmp_path: Path, model_p
     model.write_bytes(b"GGUF" + b"\1" * 128)
     third = catalog.compile_cache_dir(cache_root, spec)
     assert third == second and not (third / "blob.cache").exists()
+
+
+def test_loaded_model_never_used_unloads_after_keep_alive(model_path: Path, events: Events,
+                                                          hosts: list[ModelHost]) -> None:
+    # Regression: the residency thread slept through the end of the first load, so a model
+    # that got no request after it stayed loaded forever.
+    host = make_host(model_path, events, keep_alive_s=0.5)
+    hosts.append(host)
+    host.ensure_loaded()
+    events.wait("model.unloaded", 15, reason="idle")

@@ -214,7 +214,10 @@ class ModelHost:
             self.state.load_s = reply["load_s"]
             self.state.loading_device = None
             self._consecutive_crashes = 0
-            self._last_used = time.monotonic()
+            with self._gate:
+                # The keep-alive counts from the load, and the residency thread learns of it.
+                self._last_used = time.monotonic()
+                self._gate.notify_all()
             self._on_event("model.loaded", {
                 "model": self.name, "device": reply["device"], "load_s": reply["load_s"],
                 "total_s": round(time.monotonic() - started, 3),
