@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,11 @@ def test_idle_unload_and_reload_are_reported(daemon_home: DaemonHome) -> None:
     reloaded = [e for e in log.matching(Topic.MODEL_LOADED) if e.seq > unloaded.seq]
     assert reloaded and reloaded[0].seq < done.seq
     assert [e for e in log.matching(Topic.MODEL_LOADING) if e.seq > unloaded.seq]
+    # Both loads used the model's compile cache in the user cache folder, one folder per
+    # model and OpenVINO version.
+    blobs = list(daemon_home.root.rglob("compiled/smollm2-135m-instruct/*/*.blob"))
+    assert len(blobs) == 1, blobs
+    assert blobs[0].parent.name == version("openvino")
 
 
 def test_model_requests_unload_load_and_pin(daemon_home: DaemonHome) -> None:
