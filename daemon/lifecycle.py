@@ -14,6 +14,7 @@ import select
 import signal
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +48,25 @@ logger = logging.getLogger(__name__)
 # Model keys that only shape the next generation; the others need a model reload.
 LIVE_MODEL_KEYS = ("model.max_prompt_tokens", "model.max_new_tokens",
                    "model.repetition_penalty", "model.generation_timeout_s")
+
+
+def _reload_model_tables(old: Config, new: Config
+                         ) -> tuple[types.MappingProxyType[str, Any], list[str], list[str]]:
+    """Split changed `[models.NAME]` tables into live ones (only generation keys changed)
+    and ones that need a restart; return the tables to apply and both lists."""
+    live_keys = {k.split(".")[1] for k in LIVE_MODEL_KEYS}
+    tables, live, restart = dict(old.models), [], []
+    for name in sorted(set(old.models) | set(new.models)):
+        before, after = dict(old.models.get(name, {})), dict(new.models.get(name, {}))
+        if before == after:
+            continue
+        keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        if keys <= live_keys:
+            live.append(f"models.{name}")
+            tables[name] = new.models.get(name, types.MappingProxyType({}))
+        else:
+            restart.append(f"models.{name}")
+    return types.MappingProxyType(tables), live, restart
 
 
 def _value(config: Config, key: str) -> Any:
@@ -161,14 +181,25 @@ class Daemon:
         old_tables = self.config.plugins
         live += [f"plugins.{name}" for name in sorted(set(new.plugins) | set(old_tables))
                  if new.plugins.get(name) != old_tables.get(name)]
+        models, live_tables, restart_tables = _reload_model_tables(self.config, new)
+        live += live_tables
+        restart += restart_tables
         # Keys that need a restart keep their old values until then.
         applied = replace(new, model=replace(self.config.model, **{
             k.split(".")[1]: _value(new, k) for k in LIVE_MODEL_KEYS}),
             bus=self.config.bus, daemon=self.config.daemon, schedule=self.config.schedule,
-            power=self.config.power, video=self.config.video)
+            power=self.config.power, video=self.config.video, models=models)
         self.config = applied
         if self.dispatcher is not None:
             self.dispatcher.config = applied
+            if self.model_spec is not None:
+                # Generation settings come from the model's spec: rebuild it from the new
+                # values. Its path and devices only change with a restart.
+                try:
+                    self.dispatcher.generation = catalog.spec(
+                        applied, self.paths.models_dir, self.model_spec.name)
+                except ModelNotFound as exc:
+                    logger.warning("generation settings not reloaded: %s", exc)
         if any(k.startswith(("watch.", "plugins.")) for k in live) and self.plugin_host:
             self.plugin_host.restart_all()
         self.store.call(lambda tx: tx.emit(Topic.CONFIG_RELOADED, {

@@ -179,3 +179,22 @@ def test_job_that_crashes_the_host_twice_fails_with_the_reason(daemon_home: Daem
     with daemon_home.client() as client:
         nxt = client.call("ask", {"prompt": "Say hello.", "max_new_tokens": 8})["job"]
     log.wait(lambda e: e.topic == Topic.JOB_DONE and e.body["job"] == nxt, 120, "the next job")
+
+
+def test_reload_applies_generation_keys_of_the_model_table(daemon_home: DaemonHome) -> None:
+    # Regression: generation settings come from the model's spec, which reload must rebuild.
+    daemon_home.start()
+    log = daemon_home.log
+    assert log is not None
+    with daemon_home.config_file.open("a", encoding="utf-8") as f:
+        f.write('\n[models.smollm2-135m-instruct]\nmax_new_tokens = 16\n')
+    with daemon_home.client() as client:
+        assert client.call("reload")["applied"] == ["models.smollm2-135m-instruct"]
+        job = client.call("ask", {"prompt": "Tell a long story about a lighthouse."})["job"]
+        done = log.wait(lambda e: e.topic == Topic.JOB_DONE and e.body["job"] == job, 120,
+                        "the job")
+        assert done.body["result"]["tokens"] <= 16
+        with daemon_home.config_file.open("a", encoding="utf-8") as f:
+            f.write('devices = ["CPU"]\n')
+        result = client.call("reload")
+        assert result["restart_required"] == ["models.smollm2-135m-instruct"]
