@@ -360,7 +360,7 @@ class Daemon:
         self.dispatcher.start()
 
     def _model_host(self, spec: ModelSpec) -> ModelHost:
-        """A model host for `spec` whose loads, unloads and failures become bus events."""
+        """Create a model host for `spec` whose loads, unloads and failures become bus events."""
         def emit(topic: str, body: dict[str, Any]) -> None:
             self.store.submit(lambda tx: tx.emit(topic, body))
 

@@ -38,7 +38,8 @@ def test_clean_trims_leaked_markers(raw: str, expected: str) -> None:
 ])
 def test_degenerate_output_is_named(text: str, reason: str) -> None:
     found = degenerate(text)
-    assert found is not None and reason in found
+    assert found is not None
+    assert reason in found
 
 
 def test_ordinary_summary_is_not_degenerate() -> None:
@@ -74,7 +75,8 @@ def run(model: ScriptedModel) -> tuple[str, list[dict[str, Any]]]:
 def test_degenerate_output_is_retried_with_other_settings() -> None:
     model = ScriptedModel("Go. Go. Go. Go.", "The van left at noon.<|im_end|>")
     text, replies = run(model)
-    assert text == "The van left at noon." and len(replies) == 2
+    assert text == "The van left at noon."
+    assert len(replies) == 2
     assert model.calls[0] == {"repetition_penalty": 1.1, "no_repeat_ngram_size": 0}
     assert model.calls[1] == {"repetition_penalty": RETRY_MIN_PENALTY,
                               "no_repeat_ngram_size": RETRY_NGRAM}
@@ -90,4 +92,5 @@ def test_second_degenerate_output_fails_with_both_reasons() -> None:
 
 def test_good_output_is_generated_once() -> None:
     model = ScriptedModel("The van left at noon.")
-    assert run(model)[0] == "The van left at noon." and len(model.calls) == 1
+    assert run(model)[0] == "The van left at noon."
+    assert len(model.calls) == 1

@@ -92,10 +92,12 @@ def test_crashing_and_hanging_devices_fall_back_to_cpu(model_path: Path, events:
     assert "hung while loading" in errors["NPU"], errors
     assert "crashed while loading" in errors["GPU"], errors
     loaded = events.wait("model.loaded", 5)
-    assert loaded["device"] == "CPU" and set(loaded["device_errors"]) == {"NPU", "GPU"}
+    assert loaded["device"] == "CPU"
+    assert set(loaded["device_errors"]) == {"NPU", "GPU"}
     # The hang lasted load_timeout_s; progress events named the device meanwhile.
     progress = [b for t, b in events.items if t == "model.loading" and "elapsed_s" in b]
-    assert progress and progress[0]["device"] == "NPU", events.items
+    assert progress
+    assert progress[0]["device"] == "NPU", events.items
     assert ask(host)["text"]
 
 
@@ -120,13 +122,17 @@ def test_idle_unload_then_reload_on_next_request(model_path: Path, events: Event
     first_pid = host.state.pid
     assert ask(host)["text"]
     unloaded = events.wait("model.unloaded", 15, reason="idle")
-    assert unloaded["idle_s"] >= 1.0 and unloaded["device"] == "CPU"
-    assert host.state.state == "unloaded" and host.state.pid is None
-    assert first_pid is not None and not _alive(first_pid)
+    assert unloaded["idle_s"] >= 1.0
+    assert unloaded["device"] == "CPU"
+    assert host.state.state == "unloaded"
+    assert host.state.pid is None
+    assert first_pid is not None
+    assert not _alive(first_pid)
     # The next request loads the model again, and the reload is reported.
     assert ask(host)["text"]
     assert events.topics().count("model.loaded") == 2
-    assert host.state.state == "loaded" and host.state.pid not in (None, first_pid)
+    assert host.state.state == "loaded"
+    assert host.state.pid not in (None, first_pid)
 
 
 def test_pin_keeps_the_model_and_unpin_restores_keep_alive(model_path: Path, events: Events,
@@ -182,7 +188,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); its state in /proc says it is gone.
+    # kill(0) succeeds on a zombie too; its state in /proc shows that it has exited.
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
@@ -197,8 +203,11 @@ def test_model_table_overrides_model_section(tmp_path: Path, model_path: Path) -
                            "models": {"tiny": {"keep_alive_s": 600.0, "npu_max_prompt_len": 2048}},
                            "power": {"battery_keep_alive_s": 30.0}})
     spec = catalog.spec(config, tmp_path, "tiny")
-    assert spec.path == model_path and spec.format == "gguf" and spec.kind == "llm"
-    assert spec.keep_alive_s == 600.0 and spec.npu_max_prompt_len == 2048
+    assert spec.path == model_path
+    assert spec.format == "gguf"
+    assert spec.kind == "llm"
+    assert spec.keep_alive_s == 600.0
+    assert spec.npu_max_prompt_len == 2048
     assert spec.max_new_tokens == 64  # from [model]
     assert spec.battery_keep_alive_s == 30.0  # from [power]
     assert spec.devices == ("GPU", "CPU")  # the order `model bench --write` stored
@@ -241,12 +250,14 @@ def test_compile_cache_is_per_model_and_openvino_version(tmp_path: Path, model_p
     # A new OpenVINO version gets a fresh folder and the old one is removed.
     monkeypatch.setattr(catalog, "openvino_version", lambda: "9999.0")
     second = catalog.compile_cache_dir(cache_root, spec)
-    assert second.name == "9999.0" and not first.exists()
+    assert second.name == "9999.0"
+    assert not first.exists()
     (second / "blob.cache").write_bytes(b"x")
     # A replaced model file invalidates its blobs.
     model.write_bytes(b"GGUF" + b"\1" * 128)
     third = catalog.compile_cache_dir(cache_root, spec)
-    assert third == second and not (third / "blob.cache").exists()
+    assert third == second
+    assert not (third / "blob.cache").exists()
 
 
 def test_loaded_model_never_used_unloads_after_keep_alive(model_path: Path, events: Events,

@@ -99,7 +99,8 @@ def test_cancel_stops_a_long_generation_within_a_second(daemon_home: DaemonHome)
     assert elapsed < 1.0, f"cancel took {elapsed:.2f} s"
     # The model host survived the cancel and serves the next request.
     status = daemon_home.status()
-    assert status["model"]["state"] == "loaded" and status["model"]["restarts"] == 0
+    assert status["model"]["state"] == "loaded"
+    assert status["model"]["restarts"] == 0
 
 
 def test_idle_unload_and_reload_are_reported(daemon_home: DaemonHome) -> None:
@@ -108,16 +109,19 @@ def test_idle_unload_and_reload_are_reported(daemon_home: DaemonHome) -> None:
     log = daemon_home.log
     assert log is not None
     unloaded = log.wait(lambda e: e.topic == Topic.MODEL_UNLOADED, 30, "the idle unload")
-    assert unloaded.body["reason"] == "idle" and unloaded.body["device"] == "CPU"
+    assert unloaded.body["reason"] == "idle"
+    assert unloaded.body["device"] == "CPU"
     status = daemon_home.status()["model"]
-    assert status["state"] == "unloaded" and status["pid"] is None
+    assert status["state"] == "unloaded"
+    assert status["pid"] is None
     assert status["keep_alive_s"] == 1.0
     with daemon_home.client() as client:
         job = client.call("ask", {"prompt": "Say hello.", "max_new_tokens": 8})["job"]
     done = log.wait(lambda e: e.topic == Topic.JOB_DONE and e.body["job"] == job, 120,
                     "the job after the reload")
     reloaded = [e for e in log.matching(Topic.MODEL_LOADED) if e.seq > unloaded.seq]
-    assert reloaded and reloaded[0].seq < done.seq
+    assert reloaded
+    assert reloaded[0].seq < done.seq
     assert [e for e in log.matching(Topic.MODEL_LOADING) if e.seq > unloaded.seq]
     # Both loads used the model's compile cache in the user cache folder, one folder per
     # model and OpenVINO version.

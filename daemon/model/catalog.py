@@ -47,7 +47,7 @@ class ModelSpec:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def load_params(self, cache_root: Path) -> dict[str, Any]:
-        """The `load` request for the model host, with this model's compile cache folder."""
+        """Build the `load` request for the model host, with this model's compile cache folder."""
         return {"path": str(self.path), "kind": self.kind, "devices": list(self.devices),
                 "cache_dir": str(compile_cache_dir(cache_root, self)),
                 "npu_max_prompt_len": self.npu_max_prompt_len,
@@ -56,7 +56,7 @@ class ModelSpec:
 
 
 def names(config: Config, models_dir: Path) -> list[str]:
-    """Every model name the registry or the config knows, the configured default first."""
+    """List every model name in the registry or the config, the configured default first."""
     known = [config.model.name, *read_registry(models_dir), *config.models]
     return list(dict.fromkeys(n for n in known if n))
 
@@ -100,10 +100,10 @@ def openvino_version() -> str:
 
 
 def fingerprint(path: Path) -> str:
-    """A digest of the model's file names, sizes and modification times.
+    """Return a digest of the model's file names, sizes and modification times.
 
-    Hashing the contents of a multi-GB model at every start would cost seconds of disk reads;
-    any real replacement of a model file changes its size or its mtime.
+    Hashing the contents of a multi-GB model at every start would cost seconds of disk reads.
+    A real replacement of a model file changes its size or its mtime, so this is enough.
     """
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.sha256()
