@@ -13,9 +13,14 @@ the `export` extra), never in the daemon's. Tests call it as a script:
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+EXPORT_PYTHON_ENV = "FAMULUS_EXPORT_PYTHON"
+# The venv that .ci/setup creates for the `export` extra.
+CHECKOUT_EXPORT_PYTHON = Path(__file__).resolve().parent.parent / ".venv-export" / "bin" / "python"
 
 # Hidden size 64 is divisible by 32 but not by optimum's default int4 group size of 128,
 # so the int4 import has to pick a group size that fits.
@@ -58,6 +63,15 @@ A red fox runs through the snow at dusk while the camera pans over the harbour.
 Meeting notes: the team agreed to ship the release on Friday after the last review.
 Summarize the following text in three to five sentences. Use only facts from the text.
 """
+
+
+def find_export_python() -> str | None:
+    """Return the interpreter with the `export` extra: $FAMULUS_EXPORT_PYTHON or the
+    checkout's .venv-export; None when neither exists."""
+    configured = os.environ.get(EXPORT_PYTHON_ENV)
+    if configured:
+        return configured if Path(configured).exists() else None
+    return str(CHECKOUT_EXPORT_PYTHON) if CHECKOUT_EXPORT_PYTHON.exists() else None
 
 
 def _tokenizer(extra_special: list[str]) -> Any:
@@ -153,6 +167,18 @@ def build_llava(dest: Path) -> Path:
 
 
 BUILDERS = {"mistral": build_mistral, "llava": build_llava}
+
+
+def build_with(python: str, model: str, dest: Path, timeout_s: float = 600) -> Path:
+    """Run this file as a script in `python` (the export interpreter) to build `model`."""
+    import subprocess
+
+    proc = subprocess.run([python, __file__, model, str(dest)], capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the tiny {model} with {python} failed with exit code "
+                           f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+    return dest
 
 
 def main(argv: list[str]) -> int:
