@@ -327,7 +327,7 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     paths = user_paths()
     try:
         entry = import_model(paths.models_dir, args.src, args.weight_format, name=args.name,
-                             kind=args.kind,
+                             kind=args.kind, group_size=args.group_size,
                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ImportFailed, ModelNotFound) as exc:
         print(f"model import failed: {exc}", file=sys.stderr)
@@ -542,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "lower case)")
     p.add_argument("--kind", choices=["llm", "vlm"], help="llm (LLMPipeline) or vlm "
                    "(VLMPipeline); default: from model_type in the source's config.json")
+    p.add_argument("--group-size", type=int, help="int4 only: weights per quantization scale, "
+                   "or -1 for one scale per output channel (default: the largest power of "
+                   "two up to 128 that divides every layer's input size)")
     p.set_defaults(fn=cmd_model_import)
 
     keys = sub.add_parser("keys", help="CURVE keys for the TCP endpoints").add_subparsers(

@@ -166,7 +166,36 @@ def build_llava(dest: Path) -> Path:
     return dest
 
 
-BUILDERS = {"mistral": build_mistral, "llava": build_llava}
+def build_mistral3(dest: Path) -> Path:
+    """Write a tiny random Mistral3ForConditionalGeneration (Mistral Small 3.1's type).
+
+    VLMPipeline rejects this type, so the import tests convert its language model alone.
+    """
+    import torch
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralVisionConfig,
+    )
+
+    torch.manual_seed(SEED)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer([IMAGE_TOKEN])
+    vision = PixtralVisionConfig(
+        hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=1,
+        num_attention_heads=2, head_dim=VISION_HIDDEN // 2, image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE)
+    config = Mistral3Config(vision_config=vision, text_config=_mistral_config(tokenizer),
+                            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                            tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(config)
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+BUILDERS = {"mistral": build_mistral, "llava": build_llava, "mistral3": build_mistral3}
 
 
 def build_with(python: str, model: str, dest: Path, timeout_s: float = 600) -> Path:

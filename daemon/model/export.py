@@ -94,18 +94,25 @@ def int4_group_size(config: dict[str, Any]) -> int:
     return group
 
 
-def quantization_options(weight_format: str, config: dict[str, Any]) -> list[str]:
-    """Return the optimum-cli options that select the weight compression."""
+def quantization_options(weight_format: str, config: dict[str, Any],
+                         group_size: int | None = None) -> list[str]:
+    """Return the optimum-cli options that select the weight compression.
+
+    `group_size` applies to int4 only: None picks one with `int4_group_size`, and -1 means
+    one scale per output channel.
+    """
     if weight_format == "int8":
         return ["--weight-format", "int8"]
-    # Symmetric int4 on every layer NNCF allows (ratio 1.0); the embeddings and the output
-    # layer keep NNCF's int8 backup precision.
+    if group_size is None:
+        group_size = int4_group_size(config)
+    # Symmetric int4 on every layer NNCF allows (ratio 1.0), the form the NPU plugin
+    # prefers. The embeddings and the output layer keep NNCF's int8 backup precision.
     return ["--weight-format", "int4", "--sym", "--ratio", "1.0",
-            "--group-size", str(int4_group_size(config))]
+            "--group-size", str(group_size)]
 
 
-def convert(src: str, out: Path, kind: str, weight_format: str,
-            config: dict[str, Any]) -> list[str]:
+def convert(src: str, out: Path, kind: str, weight_format: str, config: dict[str, Any],
+            group_size: int | None = None) -> list[str]:
     """Export `src` into `out` with optimum-cli and return the compression options used.
 
     optimum-cli is the documented interface: its Python function `main_export` alone does
@@ -113,7 +120,7 @@ def convert(src: str, out: Path, kind: str, weight_format: str,
     step that does is private. It runs in a child of this process with this interpreter,
     and its output goes to this process's stderr.
     """
-    options = quantization_options(weight_format, config)
+    options = quantization_options(weight_format, config, group_size)
     stage("export", f"{TASKS[kind]} with {' '.join(options)}")
     cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino",
            "--model", src, "--task", TASKS[kind], *options, str(out)]
@@ -154,6 +161,81 @@ def ensure_generation_config(src: str, out: Path) -> None:
     GenerationConfig.from_model_config(text_config).save_pretrained(out)
 
 
+# Model types whose language model is saved as a MistralForCausalLM folder before an llm
+# export, because VLMPipeline rejects the whole model (openvino-genai 2026.4).
+TEXT_MODEL_TYPES = {"mistral3": "MistralForCausalLM"}
+# Files that describe the tokenizer and the chat template, copied with the text model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def text_weight_name(name: str) -> str | None:
+    """Map a weight of a mistral3 checkpoint to its MistralForCausalLM name, or None.
+
+    Checkpoints name the language model `language_model.model.*` (the published Mistral
+    Small 3.1 files) or `model.language_model.*` (transformers 5); both become `model.*`.
+    The output layer is `language_model.lm_head.*` or `lm_head.*`.
+    """
+    if name.startswith("lm_head."):
+        return name
+    marker = "language_model."
+    if marker not in name:
+        return None  # the vision tower or the projector
+    rest = name.rsplit(marker, 1)[1]
+    return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+
+
+def extract_text_model(src: Path, out: Path) -> None:
+    """Write the language model of an image-text-to-text checkpoint to `out`.
+
+    Weights are copied one input shard at a time, so the memory needed is about one shard,
+    not the whole model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise ExportError(f"{src} has no .safetensors weights; only safetensors checkpoints "
+                          "can be reduced to their language model")
+    stage("extract", f"language model of {src} as {TEXT_MODEL_TYPES['mistral3']}")
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for index, shard in enumerate(shards):
+        tensors = {}
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                target = text_weight_name(name)
+                if target is not None:
+                    tensors[target] = f.get_tensor(name)
+        if not tensors:
+            continue
+        file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file_name))
+    if not weight_map:
+        raise ExportError(f"{src} has no language model weights (no names with "
+                          "`language_model.`)")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+
+    text_config = AutoConfig.from_pretrained(src).text_config
+    text_config.architectures = [TEXT_MODEL_TYPES["mistral3"]]
+    if "lm_head.weight" not in weight_map:
+        # transformers leaves out an output layer that is tied to the embeddings.
+        text_config.tie_word_embeddings = True
+    text_config.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    processor_template = src / "chat_template.json"
+    if not (out / "chat_template.jinja").exists() and processor_template.is_file():
+        # A processor keeps the template in chat_template.json; a tokenizer reads .jinja.
+        template = json.loads(processor_template.read_text(encoding="utf-8"))["chat_template"]
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
 def install(tmp: Path, dest: Path) -> None:
     """Move the finished folder `tmp` to `dest`, replacing an earlier import there."""
     old = None
@@ -165,7 +247,8 @@ def install(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run(src: str, dest: Path, kind: str, weight_format: str) -> dict[str, Any]:
+def run(src: str, dest: Path, kind: str, weight_format: str,
+        group_size: int | None = None) -> dict[str, Any]:
     """Export, check and install one model; return the description printed on stdout."""
     import openvino
 
@@ -183,10 +266,14 @@ def run(src: str, dest: Path, kind: str, weight_format: str) -> dict[str, Any]:
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
+    text_type = TEXT_MODEL_TYPES.get(str(config.get("model_type")))
     try:
         started = time.monotonic()
+        if is_local and kind == "llm" and text_type is not None:
+            source = str(tmp / ".text-model")
+            extract_text_model(local, Path(source))
         try:
-            options = convert(source, tmp, kind, weight_format, config)
+            options = convert(source, tmp, kind, weight_format, config, group_size)
         except ExportError as exc:
             if is_local:
                 raise
@@ -195,6 +282,8 @@ def run(src: str, dest: Path, kind: str, weight_format: str) -> dict[str, Any]:
                               "model folder elsewhere and import the local folder") from exc
         ensure_tokenizer(source, tmp)
         ensure_generation_config(source, tmp)
+        if text_type is not None:
+            shutil.rmtree(tmp / ".text-model", ignore_errors=True)
         stage("validate", str(dest))
         try:
             check_model(tmp, kind)
@@ -206,7 +295,7 @@ def run(src: str, dest: Path, kind: str, weight_format: str) -> dict[str, Any]:
         raise
     stage("done", f"{dest} in {time.monotonic() - started:.1f} s")
     return {"path": str(dest), "kind": kind, "weight_format": weight_format,
-            "options": options, "source": source,
+            "options": options, "source": str(local.resolve()) if is_local else src,
             "openvino_version": openvino.get_version()}
 
 
@@ -222,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path, help="output folder (replaced when present)")
     parser.add_argument("--weight-format", choices=["int4", "int8"], required=True)
     parser.add_argument("--kind", choices=sorted(TASKS), default="llm")
+    parser.add_argument("--group-size", type=int,
+                        help="int4 only: weights per scale, or -1 for one per output channel "
+                        "(default: the largest power of two up to 128 that fits every layer)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     # Keep stdout for the result line: libraries that print go to stderr.
@@ -229,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        result = run(args.src, args.dest, args.kind, args.weight_format)
+        result = run(args.src, args.dest, args.kind, args.weight_format, args.group_size)
     except ExportError as exc:
         print(f"{PREFIX} error: {exc}", file=sys.stderr, flush=True)
         return 1

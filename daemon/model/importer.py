@@ -38,12 +38,9 @@ VLM_MODEL_TYPES = frozenset({
     "llava", "llava_next", "llava_next_video", "llava-qwen2", "internvl_chat", "minicpmv",
     "phi3_v", "phi4mm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "gemma3n",
 })
-# Model types that optimum-intel exports but VLMPipeline rejects, with what to do instead.
-UNSUPPORTED_VLM_TYPES = {
-    "mistral3": "VLMPipeline rejects the mistral3 model type (openvino-genai 2026.4). Save "
-    "its language model as a MistralForCausalLM folder and import that folder; "
-    "docs/models.md shows how",
-}
+# Model types that optimum-intel exports but VLMPipeline rejects (openvino-genai 2026.4).
+# With --kind llm the exporter converts their language model alone.
+TEXT_ONLY_TYPES = frozenset({"mistral3"})
 
 HEARTBEAT_S = 15.0
 INSTALL_HINT = (
@@ -123,12 +120,19 @@ def read_source(src: str) -> Source:
     return Source(src, folder.resolve(), config)
 
 
-def detect_kind(source: Source) -> str:
-    """Return "vlm" for a vision-language model type, else "llm"."""
+def detect_kind(source: Source, requested: str | None = None) -> str:
+    """Return the kind to export: `requested`, or "vlm" for a vision-language model type.
+
+    Raises ImportFailed for a type whose vision model VLMPipeline rejects, unless the
+    language model alone is requested.
+    """
     model_type = str(source.config.get("model_type", ""))
-    if model_type in UNSUPPORTED_VLM_TYPES:
-        raise ImportFailed(f"{source.text} has model_type {model_type!r}: "
-                           f"{UNSUPPORTED_VLM_TYPES[model_type]}")
+    if model_type in TEXT_ONLY_TYPES and requested != "llm":
+        raise ImportFailed(f"{source.text} has model_type {model_type!r}, which VLMPipeline "
+                           "rejects (openvino-genai 2026.4). Import its language model alone "
+                           "with --kind llm (see docs/models.md)")
+    if requested is not None:
+        return requested
     return "vlm" if model_type in VLM_MODEL_TYPES else "llm"
 
 
@@ -153,16 +157,21 @@ def check_name(models_dir: Path, name: str) -> None:
 
 
 def import_model(models_dir: Path, src: str, weight_format: str, *, name: str | None = None,
-                 kind: str | None = None, python: str | None = None,
+                 kind: str | None = None, group_size: int | None = None,
+                 python: str | None = None,
                  progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Convert `src`, validate the folder, register it under `name`; return the entry."""
     if weight_format not in WEIGHT_FORMATS:
         raise ImportFailed(f"weight format {weight_format!r} is invalid; use "
                            f"{' or '.join(WEIGHT_FORMATS)}")
+    if group_size is not None and (weight_format != "int4"
+                                   or not (group_size == -1 or group_size > 0)):
+        raise ImportFailed(f"group size {group_size} is invalid; it applies to int4 only and "
+                           "is a positive number of weights or -1 (one per output channel)")
     if kind is not None and kind not in KINDS:
         raise ImportFailed(f"kind {kind!r} is invalid; use {' or '.join(KINDS)}")
     source = read_source(src)
-    kind = kind or detect_kind(source)
+    kind = detect_kind(source, kind)
     name = name or default_name(source)
     check_name(models_dir, name)
     python = python or export_python()
@@ -173,11 +182,14 @@ def import_model(models_dir: Path, src: str, weight_format: str, *, name: str | 
     cmd = [python, "-m", "famulus.daemon.model.export",
            str(source.folder) if source.folder is not None else source.text, str(dest),
            "--weight-format", weight_format, "--kind", kind]
+    if group_size is not None:
+        cmd += ["--group-size", str(group_size)]
     result = _run_export(cmd, progress)
     check_model(dest, kind)
     entry = {"path": str(dest), "format": "openvino", "kind": kind,
              "weight_format": weight_format, "source": result.get("source", src),
-             "openvino_version": result.get("openvino_version")}
+             "openvino_version": result.get("openvino_version"),
+             "export_options": result.get("options", [])}
     register(models_dir, name, entry)
     progress(f"registered {name} ({kind}, {weight_format}) at {dest}")
     return {"name": name, **entry}
