@@ -2,12 +2,12 @@
 
 Run as ``python -m famulus.daemon.model.export SRC DEST --weight-format int4|int8 --kind
 llm|vlm`` by `famulus model import` (daemon/model/importer.py), in an interpreter with the
-`export` extra. This is the only famulus module that imports optimum-intel, transformers
-and torch: the daemon core stays free of them.
+`export` extra. This is the only famulus module that imports transformers and torch or
+runs optimum-intel, so the daemon core stays free of them.
 
-Protocol with the parent: every line on stderr that starts with ``famulus-export:`` is a
-stage (``stage NAME: detail``) or the final ``error: MESSAGE``; everything else on stderr
-is library output. On success the last stdout line is a JSON object that describes the
+Lines on stderr that start with ``famulus-export:`` are for the parent. Each is a stage
+(``stage NAME: detail``) or the final ``error: MESSAGE``, and all other stderr lines are
+library output. On success the last stdout line is a JSON object that describes the
 result. The IR is written into a temporary folder next to DEST, validated, and renamed to
 DEST only at the end, so a failed or interrupted export leaves no partial folder.
 """
@@ -31,15 +31,15 @@ PREFIX = "famulus-export:"
 
 TASKS = {"llm": "text-generation-with-past", "vlm": "image-text-to-text"}
 
-# optimum-intel's default int4 group size. A layer whose input size it does not divide gets
-# the largest power of two below it that does (a hidden size of 64 in a test model, 2880
-# in some real ones), because NNCF rejects a group size that does not divide the size.
+# optimum-intel's default int4 group size. NNCF rejects a group size that does not divide a
+# layer's input size, so a model with such a layer (the tiny test model, hidden size 64)
+# gets the largest power of two below 128 that divides them all.
 INT4_GROUP_SIZE = 128
 MIN_GROUP_SIZE = 16
 
 
 class ExportError(Exception):
-    """The export failed for a reason the user can fix; the message says how."""
+    """The export failed for a reason the user can fix; the message explains how."""
 
 
 def stage(name: str, detail: str = "") -> None:

@@ -47,7 +47,9 @@ INSTALL_HINT = (
     "Install the export extra into a separate virtual environment and point "
     f"{EXPORT_PYTHON_ENV} at it:\n"
     "  python3 -m venv ~/.venvs/famulus-export\n"
-    "  ~/.venvs/famulus-export/bin/pip install torch torchvision\n"
+    "  ~/.venvs/famulus-export/bin/pip install torch torchvision   "
+    "(add --index-url https://download.pytorch.org/whl/cpu for the CPU build; PyPI's "
+    "default is the CUDA build, several GB)\n"
     "  ~/.venvs/famulus-export/bin/pip install 'famulus[export]'   "
     "(from a checkout: pip install -e '.[export]')\n"
     f"  export {EXPORT_PYTHON_ENV}=~/.venvs/famulus-export/bin/python\n"
@@ -55,7 +57,7 @@ INSTALL_HINT = (
 
 
 class ImportFailed(Exception):
-    """The import did not produce a registered model; the message says why and what to do."""
+    """The import did not produce a registered model; the message explains why and the fix."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,16 @@ def export_python() -> str:
 
 def check_export_python(python: str) -> None:
     """Raise ImportFailed unless `python` can import what the export child needs."""
+    # find_spec of a submodule imports its parent package and raises when that is missing.
     probe = ("import importlib.util, json\n"
+             "def missing(name):\n"
+             "    try:\n"
+             "        return importlib.util.find_spec(name) is None\n"
+             "    except ImportError:\n"
+             "        return True\n"
              "names = ['optimum.intel', 'openvino_tokenizers', 'transformers', 'torch',"
              " 'famulus.daemon.model.export']\n"
-             "print(json.dumps([n for n in names if importlib.util.find_spec(n) is None]))\n")
+             "print(json.dumps([n for n in names if missing(n)]))\n")
     try:
         proc = subprocess.run([python, "-c", probe], capture_output=True, text=True,
                               timeout=120, check=False)
@@ -88,9 +96,9 @@ def check_export_python(python: str) -> None:
     except (ValueError, IndexError):
         missing = None
     if proc.returncode != 0 or missing is None:
-        # find_spec of a submodule imports its parent, so a missing `optimum` fails here.
-        missing = ["optimum.intel"] if "optimum" in proc.stderr else ["(see below)"]
-        logger.debug("export interpreter probe failed: %s", proc.stderr.strip())
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        raise ImportFailed(f"the export interpreter {python} failed to check its packages "
+                           f"(exit code {proc.returncode}: {lines[-1]}). {INSTALL_HINT}")
     if missing:
         raise ImportFailed(f"the export interpreter {python} cannot import "
                            f"{', '.join(missing)}. {INSTALL_HINT}")
@@ -226,15 +234,21 @@ def _run_export(cmd: list[str], progress: Callable[[str], None]) -> dict[str, An
     except KeyboardInterrupt:
         # SIGTERM lets the child remove its temporary folder before it exits.
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
     reader.join(timeout=10)
     if proc.returncode != 0:
-        reason = errors[-1] if errors else (tail[-1] if tail else "no output")
-        detail = "\n".join(tail) if not errors else ""
         logger.debug("export child output: %s", "\n".join(tail))
-        raise ImportFailed(f"the export failed (exit code {proc.returncode}): {reason}"
-                           + (f"\nlast output of the exporter:\n{detail}" if detail else ""))
+        if errors:
+            raise ImportFailed(f"the export failed (exit code {proc.returncode}): {errors[-1]}")
+        # No error line: the child died (a signal, or memory), so its own output explains.
+        output = "\n".join(tail) or "no output"
+        raise ImportFailed(f"the export failed (exit code {proc.returncode}); last output of "
+                           f"the exporter:\n{output}")
     try:
         return dict(json.loads(output.strip().splitlines()[-1]))
     except (ValueError, IndexError, TypeError) as exc:
