@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from famulus.daemon.model.validate import (
     detect_kind,
 )
 from famulus.ipc.protocol import Topic
-from tests.conftest import DaemonHome
+from tests.conftest import DaemonHome, processes_with_home, wait_for_none
 from tests.tiny_models import EXPORT_PYTHON_ENV, build_with, find_export_python
 
 EXPORT_TIMEOUT_S = 600
@@ -42,8 +43,11 @@ def export_python() -> str:
     python = find_export_python()
     if python is not None:
         return python
-    reason = (f"no export interpreter: set {EXPORT_PYTHON_ENV} or run `bash .ci/setup`, "
-              "which creates .venv-export with the export extra")
+    configured = os.environ.get(EXPORT_PYTHON_ENV)
+    where = f"{EXPORT_PYTHON_ENV}={configured} does not exist" if configured else \
+        f"{EXPORT_PYTHON_ENV} is not set and .venv-export is missing"
+    reason = (f"no export interpreter ({where}); run `bash .ci/setup`, which creates "
+              ".venv-export with the export extra, or point the variable at one")
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -343,6 +347,32 @@ def test_failed_export_leaves_nothing(tmp_path: Path) -> None:
     proc = famulus_import(tmp_path, src, "--weight-format", "int8", python=export_python())
     assert proc.returncode == 1
     assert "model import failed: the export failed" in proc.stderr
+    assert_nothing_left(tmp_path)
+
+
+def test_interrupted_import_leaves_nothing(tmp_path: Path, tiny_mistral: Path) -> None:
+    env = {**isolated_env(tmp_path), EXPORT_PYTHON_ENV: export_python()}
+    proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "model", "import",
+                             str(tiny_mistral), "--weight-format", "int8"], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "stage export" in line:
+                break
+        assert any("stage export" in line for line in lines), "".join(lines)
+        # SIGINT is what Ctrl-C sends.
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "model import cancelled; nothing was registered" in rest
+    assert wait_for_none(lambda: processes_with_home(tmp_path), 30) == []
     assert_nothing_left(tmp_path)
 
 
