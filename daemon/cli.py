@@ -387,6 +387,25 @@ def cmd_model_control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from famulus.daemon.model.importer import ImportFailed, import_model
+    from famulus.daemon.model.registry import ModelNotFound
+
+    paths = user_paths()
+    try:
+        entry = import_model(paths.models_dir, args.src, args.weight_format, name=args.name,
+                             kind=args.kind, group_size=args.group_size,
+                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ImportFailed, ModelNotFound) as exc:
+        print(f"model import failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("model import cancelled; nothing was registered", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{entry['name']}: {entry['path']}")
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create CURVE keys or authorize a client key for the TCP endpoints."""
     from famulus.ipc import security
@@ -589,6 +608,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pin", "keep the daemon's model loaded whatever its keep-alive"),
                        ("unpin", "let the keep-alive unload the model again")):
         model.add_parser(name, help=text).set_defaults(fn=cmd_model_control)
+    p = model.add_parser("import", help="convert a Hugging Face model to OpenVINO IR and "
+                         "register it (needs the `export` extra, see docs/models.md)")
+    p.add_argument("src", help="local Hugging Face model folder, or a hub id where the "
+                   "network allows it")
+    p.add_argument("--weight-format", choices=["int4", "int8"], required=True,
+                   help="weight compression: int4 (smaller, for the NPU) or int8")
+    p.add_argument("--name", help="registry name (default: the source folder's name in "
+                   "lower case)")
+    p.add_argument("--kind", choices=["llm", "vlm"], help="llm (LLMPipeline) or vlm "
+                   "(VLMPipeline); default: from model_type in the source's config.json")
+    p.add_argument("--group-size", type=int, help="int4 only: weights per quantization scale, "
+                   "or -1 for one scale per output channel (default: the largest power of "
+                   "two up to 128 that divides every layer's input size)")
+    p.set_defaults(fn=cmd_model_import)
 
     keys = sub.add_parser("keys", help="CURVE keys for the TCP endpoints").add_subparsers(
         dest="keys_command", required=True)

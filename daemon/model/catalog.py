@@ -20,6 +20,7 @@ from typing import Any
 
 from famulus.daemon.config import Config
 from famulus.daemon.model.registry import ModelNotFound, read_registry, resolve
+from famulus.daemon.model.validate import detect_kind
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def spec(config: Config, models_dir: Path, name: str) -> ModelSpec:
         raise ModelNotFound(f"no model named {name!r}: it is neither registered in "
                             f"{models_dir} nor configured as [models.{name}]; run `famulus "
                             "model list` to see the known ones")
-    path = resolve(models_dir, name, explicit)
+    path = resolve(models_dir, name, explicit, kind=table.get("kind"))
     fmt = "gguf" if path.is_file() else "openvino"
-    kind = str(table.get("kind") or entry.get("kind") or "llm")
+    kind = str(table.get("kind") or entry.get("kind") or detect_kind(path))
     base = config.model
     values: dict[str, Any] = {}
     for f in dataclasses.fields(ModelSpec):

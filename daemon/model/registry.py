@@ -85,13 +85,22 @@ def register(models_dir: Path, name: str, entry: dict[str, Any]) -> None:
     os.replace(tmp, registry_file(models_dir))
 
 
-def resolve(models_dir: Path, name: str, path: str) -> Path:
-    """Return the file or folder to load: `path` when set, else the registered `name`."""
+def resolve(models_dir: Path, name: str, path: str, kind: str | None = None) -> Path:
+    """Return the file or folder to load: `path` when set, else the registered `name`.
+
+    The result is checked with `validate.check_model`, so an incomplete folder raises
+    ModelInvalid (a ModelNotFound) that names the missing file. `kind` (llm or vlm)
+    defaults to the registered kind, or for `path` to what the folder contains.
+    """
+    # Imported here because validate imports ModelNotFound from this module.
+    from famulus.daemon.model.validate import check_model, detect_kind
+
     if path:
         target = Path(path).expanduser()
         if not target.exists():
             raise ModelNotFound(f"model.path {target} does not exist; fix the path in the "
                                 "config or clear it to use the registered model")
+        check_model(target, kind or detect_kind(target))
         return target
     entry = read_registry(models_dir).get(name)
     if entry is None:
@@ -100,8 +109,12 @@ def resolve(models_dir: Path, name: str, path: str) -> Path:
         raise ModelNotFound(f"model {name!r} is not registered in {models_dir}; {hint}")
     target = Path(entry["path"])
     if not target.exists():
+        fix = ("run `famulus model pull` again" if name in KNOWN_MODELS
+               else f"import it again with `famulus model import {entry.get('source', 'SRC')} "
+               f"--weight-format {entry.get('weight_format', 'int8')} --name {name}`")
         raise ModelNotFound(f"model {name!r} is registered at {target}, which no longer "
-                            "exists; run `famulus model pull` again")
+                            f"exists; {fix}")
+    check_model(target, kind or str(entry.get("kind", "llm")))
     return target
 
 
