@@ -204,7 +204,7 @@ def format_table(report: BenchReport) -> str:
         if row.energy_note:
             notes.append(f"{row.device}: energy: {row.energy_note}")
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
             for line in lines]
     text.append(f"model {report.model}; {report.max_new_tokens} new tokens per run, greedy, "
                 f"median of {report.runs} runs")
