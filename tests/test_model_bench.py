@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from famulus.daemon.dispatcher import TokenStream
 from famulus.daemon.model.bench import (
     FAILED,
     MEASURED,
@@ -163,8 +164,8 @@ def test_rapl_unreadable_counter_not_exposed(tmp_path: Path) -> None:
     (zone / "energy_uj").write_text("n/a\n")
     with pytest.raises(EnergyUnavailable, match="not a number"):
         RaplMeter(tmp_path).read()
-    # A counter that cannot be opened as a file (the tests run as root, so a mode of 000
-    # would still be readable).
+    # A counter that cannot be opened as a file. A mode of 000 would not do, because root
+    # can still read such a file.
     (zone / "energy_uj").unlink()
     (zone / "energy_uj").mkdir()
     with pytest.raises(EnergyUnavailable, match="cannot read"):
@@ -221,7 +222,7 @@ def test_write_creates_missing_file(tmp_path: Path) -> None:
 
 def test_write_invalid_result_restores(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    # An inline table cannot be extended by a [models.NAME] header: the edit is invalid TOML.
+    # An inline table cannot be extended by a [models.NAME] header, so the edit is invalid TOML.
     original = f"models = {{ {MODEL} = {{ devices = [\"NPU\"] }} }}\n# end\n".encode()
     config.write_bytes(original)
     config.chmod(0o600)
@@ -230,3 +231,16 @@ def test_write_invalid_result_restores(tmp_path: Path) -> None:
     assert config.read_bytes() == original
     assert config.stat().st_mode & 0o777 == 0o600
     assert not (tmp_path / "config.toml.tmp").exists()
+
+
+# -- streaming: the first token is not held back ---------------------------------------------
+
+def test_token_stream_sends_first_piece_at_once() -> None:
+    sent: list[dict[str, object]] = []
+    stream = TokenStream(sent.append)
+    stream.add("Hello")
+    assert sent == [{"index": 0, "text": "Hello"}]
+    stream.add(" world")
+    stream.flush()
+    assert "".join(str(body["text"]) for body in sent) == "Hello world"
+    assert [body["index"] for body in sent] == list(range(len(sent)))

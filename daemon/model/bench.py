@@ -1,10 +1,11 @@
 """`famulus model bench`: measure one model on each OpenVINO device and rank the devices.
 
 Each device gets its own model host process, so a native crash or a hung compile costs only
-that device's row. Per device: load time without a compile cache (cold) and again with the
-cache that the first load wrote (warm), time to first token, tokens per second (median of N
-greedy runs of a fixed prompt, each generating exactly `max_new_tokens` tokens), and energy
-per token where Intel RAPL is readable under /sys/class/powercap.
+that device's row. Per device, it measures the load time twice: without a compile cache
+(cold), and again with the cache that the first load wrote (warm). Then come time to first
+token and tokens per second, the median of N greedy runs of a fixed prompt that each generate
+exactly `max_new_tokens` tokens. Energy per token is measured where Intel RAPL is readable
+under /sys/class/powercap.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from famulus.daemon.model.supervisor import ModelError, ModelHost
 
 logger = logging.getLogger(__name__)
 
-# A request that small models answer at length, so greedy decoding rarely ends early; the
+# Small models reply to this request at length, so greedy decoding rarely ends early. The
 # host also sets min_new_tokens, so every run generates exactly max_new_tokens tokens.
 BENCH_PROMPT = ("Write a detailed, step by step guide to baking bread at home, covering "
                 "ingredients, kneading, proofing and baking.")
@@ -83,7 +84,7 @@ def run_bench(model_path: Path, devices: list[str], *, runs: int, max_new_tokens
               ) -> BenchReport:
     """Measure `model_path` on each of `devices` that OpenVINO offers.
 
-    `load_params` holds the host's load settings other than path, devices and cache_dir
+    `load_params` contains the host's load settings other than path, devices and cache_dir
     (npu_max_prompt_len, npu_min_response_len, load_timeout_s).
     """
     found = available_devices() if available is None else available

@@ -40,8 +40,8 @@ def write_device_order(config_file: Path, name: str, devices: list[str]) -> None
         _check(config_file.read_text(encoding="utf-8"), name, devices)
     except (ConfigWriteError, OSError) as exc:
         _restore(config_file, original)
-        raise ConfigWriteError(f"could not write the device order into {config_file}: {exc}; "
-                               f"the file is unchanged. Add `devices = {json.dumps(devices)}` "
+        raise ConfigWriteError(f"could not write the device order into {config_file}: {exc}. "
+                               f"The file is unchanged. Add `devices = {json.dumps(devices)}` "
                                f"to its {table_header(name)} table by hand.") from exc
 
 
@@ -101,7 +101,8 @@ def _value_end(lines: list[str], first: int, limit: int) -> int:
         except tomllib.TOMLDecodeError:
             continue
         return last
-    return first  # not valid on its own anywhere: replace only the first line
+    # No range of lines parses on its own, so only the first line is replaced.
+    return first
 
 
 def _check(text: str, name: str, devices: list[str]) -> None:

@@ -154,7 +154,7 @@ class Host:
         metrics = result.perf_metrics
         return {"text": text, "tokens": tokens, "generation_s": round(elapsed, 3),
                 "finish": finish,
-                # OpenVINO GenAI's own timing: time to first token in ms, tokens per second.
+                # OpenVINO GenAI's own timing, time to first token in ms and tokens per second.
                 "ttft_ms": round(float(metrics.get_ttft().mean), 2),
                 "throughput_tokens_per_s": round(float(metrics.get_throughput().mean), 2)}
 

@@ -3,9 +3,8 @@
 The powercap framework exposes each package as /sys/class/powercap/intel-rapl:N with
 `energy_uj` (a counter in microjoules that wraps to 0 after `max_energy_range_uj`) and
 `name` (for example "package-0"). Subzones such as intel-rapl:0:0 (cores) are part of their
-package, so only the top-level zones are summed. Since Linux 5.10 `energy_uj` is readable
-only by root on most distributions; an unreadable or absent counter raises
-EnergyUnavailable with the reason.
+package, so only the top-level zones are summed. On many systems `energy_uj` is readable
+only by root. An unreadable or absent counter raises EnergyUnavailable with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ _PACKAGE_ZONE = re.compile(r"^intel-rapl:\d+$")
 
 
 class EnergyUnavailable(Exception):
-    """The OS exposes no readable energy counter; the message says why."""
+    """The OS exposes no readable energy counter. The message gives the reason."""
 
 
 Sample = dict[str, tuple[int, int]]
@@ -57,8 +56,8 @@ class RaplMeter:
 def energy_joules(before: Sample, after: Sample) -> float:
     """Sum each zone's counter difference, correcting one wrap-around per zone.
 
-    NOTE: a counter that wrapped more than once between the samples is undercounted; with
-    the usual range of about 262 kJ that takes over 40 minutes at 100 W.
+    NOTE: a counter that wrapped more than once between the samples is undercounted. With
+    a max_energy_range_uj of 262143328850 (about 262 kJ), that takes 43 minutes at 100 W.
     """
     if before.keys() != after.keys():
         raise EnergyUnavailable(f"not exposed: the RAPL zones changed between samples "
@@ -85,5 +84,5 @@ def _read_counter(path: Path) -> int:
     try:
         return int(text)
     except ValueError:
-        raise EnergyUnavailable(f"not exposed: {path} holds {text[:40]!r}, not a number of "
+        raise EnergyUnavailable(f"not exposed: {path} contains {text[:40]!r}, not a number of "
                                 "microjoules") from None
