@@ -1,14 +1,16 @@
-"""What famulus adds to generation, against OpenVINO GenAI and transformers, in one run.
+"""The overhead famulus adds to generation, against OpenVINO GenAI and transformers.
 
 The default model (SmolLM2-135M-Instruct Q4_1 GGUF, `famulus model pull`) generates the same
-reply on four paths, in turns, so that load on this shared machine hits all of them alike:
+reply on four paths, in turns, so that the load of a shared machine hits all of them alike:
 
 - `direct`: `openvino_genai.LLMPipeline(gguf, "CPU")` in this process, with a streamer.
 - `host`: famulus's model host process alone (`ModelHost`), streaming its pieces back.
-- `daemon`: a real `famulus run` in a temporary home; an `ask` request over the bus with
-  `stream`, timed from the request to the first `job.token` event and to `job.done`.
+- `daemon`: a real `famulus run` in a temporary home, sent an `ask` request with `stream`
+  over the bus. It is timed from the request to the first `job.token` event and to
+  `job.done`.
 - `transformers`: `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`, which
-  dequantizes the GGUF weights to float32, on torch's CPU build. Its GGUF tokenizer is broken
+  dequantizes the GGUF weights to float32, on torch's CPU build, once per thread count in
+  `--torch-threads`. Its GGUF tokenizer is broken
   (wrong class, wrong BOS and EOS ids), so it gets the prompt's token ids from the OpenVINO
   tokenizer, and its output ids are decoded with that tokenizer too.
 
@@ -165,7 +167,7 @@ class Daemon:
 
 
 @contextmanager
-def running_daemon(model: Path, max_new_tokens: int) -> Iterator[Daemon]:
+def running_daemon(model: Path) -> Iterator[Daemon]:
     with tempfile.TemporaryDirectory(prefix="famulus-overhead-") as tmp:
         home = Path(tmp)
         env = isolated_env(home)
@@ -179,14 +181,19 @@ def running_daemon(model: Path, max_new_tokens: int) -> Iterator[Daemon]:
             path = {str(model)!r}
             devices = ["CPU"]
             repetition_penalty = 1.0
-            max_new_tokens = {max_new_tokens}
             """), encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
-                                 str(config), "run"], env=env, stderr=subprocess.DEVNULL)
+        log = home / "daemon.log"
+        with log.open("wb") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "famulus.daemon.cli", "--config",
+                                     str(config), "run"], env=env, stderr=stderr)
         runtime = home / "run" / "famulus"
         try:
             with Client(f"ipc://{runtime / 'requests.sock'}", timeout_s=30) as client:
-                wait_for_daemon(client, proc, 120)
+                try:
+                    wait_for_daemon(client, proc, 120)
+                except RuntimeError as exc:
+                    tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
+                    raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from exc
                 deadline = time.monotonic() + 300
                 while (state := client.call("status")["model"]["state"]) not in ("loaded",
                                                                                  "failed"):
@@ -296,57 +303,42 @@ def versions(names: list[str]) -> dict[str, str]:
     return found
 
 
-def main() -> int:
-    # torch's OpenMP threads otherwise spin after each parallel region. On a machine shared
-    # with other work that made transformers with 2 threads about 5 times slower than with 1,
-    # and it took CPU from the OpenVINO run that came next. Set before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per path")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the transformers path")
-    parser.add_argument("--torch-threads", default="1,2",
-                        help="torch thread counts to measure transformers with, separated by "
-                        "commas (default 1,2)")
-    args = parser.parse_args()
-    model = resolve(user_paths().models_dir, "smollm2-135m-instruct", "")
-    print("loading: OpenVINO GenAI directly", file=sys.stderr)
-    direct = Direct(model)
-    paths: dict[str, Callable[[int], Run]] = {"direct": direct.generate}
-    notes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="famulus-overhead-cache-") as cache, \
-            running_daemon(model, args.max_new_tokens) as daemon:
-        print("loading: the model host", file=sys.stderr)
-        host = Host(model, cache)
-        paths["host"] = host.generate
-        paths["daemon"] = daemon.generate
-        hf = None
-        if not args.no_transformers:
-            print("loading: transformers (dequantizes the GGUF weights)", file=sys.stderr)
-            try:
-                hf = Transformers(model, direct.prompt_ids(),
-                                  lambda ids: str(direct.tokenizer.decode(ids)))
-            except (ImportError, ValueError, OSError) as exc:
-                notes["transformers"] = f"not loaded: {type(exc).__name__}: {exc}"
-            else:
-                for threads in [int(n) for n in args.torch_threads.split(",")]:
-                    paths[f"transformers_threads_{threads}"] = functools.partial(
-                        hf.generate, threads=threads)
-        try:
-            results: dict[str, list[Run]] = {name: [] for name in paths}
-            names = list(paths)
-            # One untimed run each: first calls allocate buffers and fill caches.
-            for name in names:
-                paths[name](args.max_new_tokens)
-            for repeat in range(args.repeats):
-                # Rotate the order, so that no path always runs right after another.
-                order = names[repeat % len(names):] + names[:repeat % len(names)]
-                print(f"repeat {repeat + 1}/{args.repeats}: {', '.join(order)}", file=sys.stderr)
-                for name in order:
-                    results[name].append(paths[name](args.max_new_tokens))
-        finally:
-            host.close()
+def run_interleaved(paths: dict[str, Callable[[int], Run]], repeats: int,
+                    max_new_tokens: int) -> dict[str, list[Run]]:
+    """Run every path `repeats` times, in turns, after one untimed run each."""
+    results: dict[str, list[Run]] = {name: [] for name in paths}
+    names = list(paths)
+    # The untimed runs let first calls allocate their buffers and fill caches.
+    for name in names:
+        paths[name](max_new_tokens)
+    for repeat in range(repeats):
+        # Rotate the order, so that no path always runs right after another.
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        print(f"repeat {repeat + 1}/{repeats}: {', '.join(order)}", file=sys.stderr)
+        for name in order:
+            results[name].append(paths[name](max_new_tokens))
+    return results
+
+
+def load_transformers(model: Path, direct: Direct, thread_counts: list[int],
+                      paths: dict[str, Callable[[int], Run]], notes: dict[str, str]
+                      ) -> Transformers | None:
+    """Load transformers and add one path per thread count, or record why it did not load."""
+    print("loading: transformers (dequantizes the GGUF weights)", file=sys.stderr)
+    try:
+        hf = Transformers(model, direct.prompt_ids(),
+                          lambda ids: str(direct.tokenizer.decode(ids)))
+    except (ImportError, ValueError, OSError) as exc:
+        notes["transformers"] = f"not loaded: {type(exc).__name__}: {exc}"
+        return None
+    for threads in thread_counts:
+        paths[f"transformers_threads_{threads}"] = functools.partial(hf.generate,
+                                                                     threads=threads)
+    return hf
+
+
+def build_report(args: argparse.Namespace, model: Path, results: dict[str, list[Run]],
+                 notes: dict[str, str]) -> dict[str, Any]:
     summary = {name: summarize(runs) for name, runs in results.items()}
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -359,15 +351,59 @@ def main() -> int:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "notes": notes,
     }
-    if hf is not None:
+    transformers = [name for name in summary if name.startswith("transformers")]
+    if transformers:
+        direct = summary["direct"]
         report["transformers_over_direct"] = {
             name: {"tokens_per_s_ratio": round(summary[name]["tokens_per_s_median"]
-                                               / summary["direct"]["tokens_per_s_median"], 3),
+                                               / direct["tokens_per_s_median"], 3),
                    "ttft_ratio": round(summary[name]["ttft_ms_median"]
-                                       / summary["direct"]["ttft_ms_median"], 3)}
-            for name in summary if name.startswith("transformers")}
-        # The weights differ in precision (float32 from dequantizing against OpenVINO's
-        # handling of Q4_1), so the greedy replies may part ways after some tokens.
+                                       / direct["ttft_ms_median"], 3)}
+            for name in transformers}
+    return report
+
+
+def main() -> int:
+    # By default torch's OpenMP threads spin for a while after each parallel region. On this
+    # shared machine that made transformers with 2 threads about 5 times slower than with 1,
+    # and it took CPU from the OpenVINO run that came next. Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed runs per path (default 7)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="tokens generated in each run (default 64)")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the transformers path")
+    parser.add_argument("--torch-threads", default="1,2",
+                        help="torch thread counts to measure transformers with, separated by "
+                        "commas (default 1,2)")
+    args = parser.parse_args()
+    model = resolve(user_paths().models_dir, "smollm2-135m-instruct", "")
+
+    print("loading: OpenVINO GenAI directly", file=sys.stderr)
+    direct = Direct(model)
+    paths: dict[str, Callable[[int], Run]] = {"direct": direct.generate}
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="famulus-overhead-cache-") as cache, \
+            running_daemon(model) as daemon:
+        print("loading: the model host", file=sys.stderr)
+        host = Host(model, cache)
+        paths["host"] = host.generate
+        paths["daemon"] = daemon.generate
+        hf = None
+        if not args.no_transformers:
+            hf = load_transformers(model, direct, [int(n) for n in args.torch_threads.split(",")],
+                                   paths, notes)
+        try:
+            results = run_interleaved(paths, args.repeats, args.max_new_tokens)
+        finally:
+            host.close()
+
+    report = build_report(args, model, results, notes)
+    if hf is not None:
+        # In the runs recorded in docs/benchmarks.md the two replies differed from the first
+        # token, so both are kept for a reader to compare.
         report["texts"] = {"direct": direct.last_text, "transformers": hf.last_text}
     print(json.dumps(report, indent=1))
     return 0

@@ -226,7 +226,7 @@ def test_write_invalid_result_restores(tmp_path: Path) -> None:
     original = f"models = {{ {MODEL} = {{ devices = [\"NPU\"] }} }}\n# end\n".encode()
     config.write_bytes(original)
     config.chmod(0o600)
-    with pytest.raises(ConfigWriteError, match="the file is unchanged"):
+    with pytest.raises(ConfigWriteError, match="The file is unchanged"):
         write_device_order(config, MODEL, ["CPU"])
     assert config.read_bytes() == original
     assert config.stat().st_mode & 0o777 == 0o600
