@@ -406,6 +406,41 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model_bench(args: argparse.Namespace) -> int:
+    """Measure a model on each requested device; with --write, store the best order."""
+    from famulus.daemon.model import bench, catalog
+    from famulus.daemon.model.config_write import ConfigWriteError, write_device_order
+    from famulus.daemon.model.registry import ModelNotFound
+
+    paths = user_paths()
+    config = load_config(paths, args.config)
+    try:
+        devices = bench.parse_devices(args.devices)
+        cfg = catalog.spec(config, paths.models_dir, args.name)
+    except (ValueError, ModelNotFound) as exc:
+        print(f"model bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_ERROR
+    report = bench.run_bench(
+        cfg.path, devices, runs=args.runs, max_new_tokens=args.max_new_tokens,
+        load_params={"npu_max_prompt_len": cfg.npu_max_prompt_len,
+                     "npu_min_response_len": cfg.npu_min_response_len,
+                     "load_timeout_s": cfg.load_timeout_s},
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(report.as_dict(), indent=1) if args.json else bench.format_table(report))
+    if not args.write:
+        return EXIT_OK
+    order = bench.best_order(report)
+    target, _named = config_path(paths, args.config)
+    try:
+        write_device_order(target, args.name, order)
+    except ConfigWriteError as exc:
+        print(f"model bench: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote devices = {json.dumps(order)} to [models.{args.name}] in {target}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create CURVE keys or authorize a client key for the TCP endpoints."""
     from famulus.ipc import security
@@ -622,6 +657,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "or -1 for one scale per output channel (default: the largest power of "
                    "two up to 128 that divides every layer's input size)")
     p.set_defaults(fn=cmd_model_import)
+    p = model.add_parser("bench", help="measure load time, time to first token, tokens per "
+                         "second and energy per token on each device")
+    p.add_argument("name", help="registered model to measure (for example "
+                   "smollm2-135m-instruct)")
+    p.add_argument("--devices", default="CPU,GPU,NPU",
+                   help="devices to measure, separated by commas (default: CPU,GPU,NPU)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed generations per device; the table shows the median (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens generated in each run (default 64)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--write", action="store_true",
+                   help="store the best device order as `devices` in the [models.NAME] table "
+                   "of the config file")
+    p.set_defaults(fn=cmd_model_bench)
 
     keys = sub.add_parser("keys", help="CURVE keys for the TCP endpoints").add_subparsers(
         dest="keys_command", required=True)

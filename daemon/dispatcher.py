@@ -484,7 +484,8 @@ class TokenStream:
     def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
         self._emit = emit
         self._pieces: list[str] = []
-        self._last = time.monotonic()
+        # The first piece goes out at once, because time to first token is what a user waits for.
+        self._last = time.monotonic() - self.INTERVAL_S
         self._index = 0
 
     def add(self, piece: str) -> None:

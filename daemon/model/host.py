@@ -154,6 +154,9 @@ class Host:
             config.no_repeat_ngram_size = int(request["no_repeat_ngram_size"])
         config.apply_chat_template = False
         config.do_sample = False
+        if request.get("min_new_tokens"):
+            # Benchmarks set it to max_new_tokens, so every run generates the same count.
+            config.min_new_tokens = int(request["min_new_tokens"])
         deadline = time.monotonic() + float(request["timeout_s"])
         state = {"stopped": ""}
         self._cancel.clear()
@@ -179,8 +182,12 @@ class Host:
         tokens = int(result.perf_metrics.get_num_generated_tokens())
         finish = str(result.finish_reasons[0]).rsplit(".", 1)[-1].lower() \
             if getattr(result, "finish_reasons", None) else "unknown"
+        metrics = result.perf_metrics
         return {"text": text, "tokens": tokens, "generation_s": round(elapsed, 3),
-                "finish": finish}
+                "finish": finish,
+                # OpenVINO GenAI's own timing, time to first token in ms and tokens per second.
+                "ttft_ms": round(float(metrics.get_ttft().mean), 2),
+                "throughput_tokens_per_s": round(float(metrics.get_throughput().mean), 2)}
 
 
 def _work(host: Host, requests: queue.Queue[dict[str, Any] | None]) -> None:
