@@ -111,6 +111,18 @@ class ModelSection:
         min=128)
     npu_min_response_len: int = _setting(
         256, "NPU only: static response length (MIN_RESPONSE_LEN).", min=16)
+    vision: str = _setting(
+        "", "Registered vision model (kind vlm) that describes images (png, jpg, webp) in the "
+        "watched folders; empty: images are recorded as skipped with reason "
+        "`no_vision_model`.")
+    vision_path: str = _setting(
+        "", "OpenVINO IR folder of a vision model to load instead of `vision`.")
+    vision_max_side_px: int = _setting(
+        896, "Images are scaled down so that their longer side has at most this many pixels "
+        "before the vision model sees them.", min=32)
+    vision_max_pixels: int = _setting(
+        50_000_000, "Images with more pixels than this (width times height) are recorded as "
+        "failed with reason `too_large` instead of decoded.", min=1024)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
+from famulus.daemon import image_jobs
 from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
 from famulus.daemon.desktop import DesktopGate
 from famulus.daemon.dispatcher import Dispatcher
@@ -329,6 +330,7 @@ class Daemon:
         self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
                                      model_error=error)
         self.dispatcher.deferred_lanes = self._deferred_lanes()
+        image_jobs.attach(self.dispatcher, self.config, self.paths)
         self.dispatcher.start()
 
     def _start_video(self) -> None:
