@@ -19,7 +19,7 @@ from famulus.daemon.documents import DocState, FileInfo, Outcome
 from famulus.daemon.extract import ExtractionError
 from famulus.daemon.grounding.policy import GroundingPath
 from famulus.daemon.journal import Job
-from famulus.daemon.model.registry import ModelNotFound, resolve
+from famulus.daemon.model.registry import ModelNotFound, read_registry
 from famulus.daemon.model.summarize import EmptySummary
 from famulus.daemon.model.supervisor import (
     GenerationStopped,
@@ -97,12 +97,16 @@ def _resolve(models_dir: Path, name: str, path: str) -> Path:
                                 "OpenVINO IR folder of a vision model, or clear it to use "
                                 "model.vision")
         return target
-    try:
-        return resolve(models_dir, name, "")
-    except ModelNotFound as exc:
-        raise ModelNotFound(f"vision model {name!r} (model.vision): {exc}. Register it with "
-                            "`famulus model import`, or set model.vision_path to its OpenVINO "
-                            "IR folder") from exc
+    entry = read_registry(models_dir).get(name)
+    if entry is None:
+        raise ModelNotFound(f"vision model {name!r} (model.vision) is not registered in "
+                            f"{models_dir}; register it with `famulus model import SRC --name "
+                            f"{name}`, or set model.vision_path to its OpenVINO IR folder")
+    target = Path(entry["path"])
+    if not target.is_dir():
+        raise ModelNotFound(f"vision model {name!r} is registered at {target}, which is not a "
+                            "folder; import it again with `famulus model import`")
+    return target
 
 
 def queue_skipped_images(tx: Tx) -> int:
@@ -114,7 +118,7 @@ def queue_skipped_images(tx: Tx) -> int:
         try:
             info = FileInfo.of(Path(row["path"]))
         except OSError:
-            continue  # gone since: the folder watcher's scan records the removal
+            continue  # the file is gone; the folder watcher records the removal
         if documents.submit_file(tx, info, force=True) is not None:
             queued += 1
     return queued

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Model keys that only shape the next generation; the others need a model reload.
 LIVE_MODEL_KEYS = ("model.max_prompt_tokens", "model.max_new_tokens",
-                   "model.repetition_penalty", "model.generation_timeout_s")
+                   "model.repetition_penalty", "model.generation_timeout_s",
+                   "model.vision_max_side_px", "model.vision_max_pixels")
 
 
 def _value(config: Config, key: str) -> Any:

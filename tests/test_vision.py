@@ -1,8 +1,9 @@
 """Images in watched folders: decoding in the sandbox, and a real daemon with a tiny LLaVA.
 
-The tiny random LLaVA is built and exported once per session by tests/tiny_llava.py, run
-with the interpreter of the `export` extra: FAMULUS_EXPORT_PYTHON, or .venv-export in the
-repository. Without one the daemon tests skip, except under CI=true, where they fail.
+The tiny random LLaVA of tests/tiny_models.py is built and exported once per session by
+tests/tiny_llava.py, run with the interpreter of the `export` extra: FAMULUS_EXPORT_PYTHON,
+or .venv-export in the repository. Without one the daemon tests skip, except under CI=true,
+where they fail.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from famulus.daemon.extract import ExtractionError
 from famulus.daemon.extract.image import decode_image, is_image
 from famulus.daemon.extract.sandbox import ExtractionSandbox
+from famulus.daemon.model.registry import register
 from famulus.ipc.protocol import Event
 
 from .conftest import DaemonHome, processes_with_home, wait_for_none
@@ -224,7 +226,10 @@ def outcome_for(home: DaemonHome, path: Path, timeout: float = 120) -> Event:
 
 
 def test_images_described_by_vision_model(vision_home: DaemonHome, llava_dir: Path) -> None:
-    vision_home.write_config(extra=vision_config(llava_dir))
+    # By registered name, as `famulus model import` leaves it; the other tests use a path.
+    models_dir = vision_home.root / "data" / "famulus" / "models"
+    register(models_dir, "tiny-llava", {"path": str(llava_dir)})
+    vision_home.write_config(extra='vision = "tiny-llava"\ndevices = ["CPU"]\n')
     vision_home.start()
     paths = [write(vision_home.inbox, "red.png", image_bytes("PNG")),
              write(vision_home.inbox, "photo.jpg", image_bytes("JPEG", size=(1600, 1200))),
@@ -235,7 +240,7 @@ def test_images_described_by_vision_model(vision_home: DaemonHome, llava_dir: Pa
         assert event.topic == "document.summarized", event.body
         assert event.body["kind"] == "image"
         assert event.body["summary"].strip()
-        assert event.body["model"] == llava_dir.name
+        assert event.body["model"] == "tiny-llava"
         assert event.body["device"] == "CPU"
         assert event.body["grounding"] == "not_applicable"
         assert event.body["grounded"] is None
@@ -248,7 +253,7 @@ def test_images_described_by_vision_model(vision_home: DaemonHome, llava_dir: Pa
     assert [(r["state"], r["format"]) for r in rows] == [("summarized", "image")] * 3
     summaries = vision_home.rows("SELECT model, grounding FROM summaries")
     assert {(r["model"], r["grounding"]) for r in summaries} == {
-        (llava_dir.name, "not_applicable")}
+        ("tiny-llava", "not_applicable")}
 
 
 def test_image_without_vision_model_skipped(vision_home: DaemonHome, llava_dir: Path) -> None:
@@ -276,6 +281,19 @@ def test_image_without_vision_model_skipped(vision_home: DaemonHome, llava_dir: 
     assert described.body["summary"].strip()
 
 
+def test_unregistered_vision_model_fails_image(vision_home: DaemonHome) -> None:
+    vision_home.write_config(extra='vision = "no-such-model"\n')
+    vision_home.start()
+    path = write(vision_home.inbox, "photo.png", image_bytes("PNG"))
+
+    event = outcome_for(vision_home, path)
+    assert event.topic == "document.failed"
+    assert event.body["reason_code"] == "model_error"
+    assert "'no-such-model'" in event.body["reason"]
+    assert "model.vision_path" in event.body["reason"]
+    assert "famulus model import" in event.body["reason"]
+
+
 def test_broken_images_recorded_next_works(vision_home: DaemonHome, llava_dir: Path) -> None:
     vision_home.write_config(extra=vision_config(llava_dir))
     vision_home.start()
@@ -299,9 +317,9 @@ def test_broken_images_recorded_next_works(vision_home: DaemonHome, llava_dir: P
 
 
 def test_cancel_image_job(vision_home: DaemonHome, llava_dir: Path) -> None:
-    # The tiny LLaVA never ends a reply by itself (see tiny_llava.py), so this generation
-    # runs for seconds unless it is cancelled.
-    vision_home.write_config(max_new_tokens=8000, extra=vision_config(llava_dir))
+    # The tiny LLaVA never ends a reply by itself (see tiny_llava.py), so these 4000 tokens
+    # take seconds unless the generation is cancelled. The model has 4096 positions.
+    vision_home.write_config(max_new_tokens=4000, extra=vision_config(llava_dir))
     vision_home.start()
     path = write(vision_home.inbox, "long.png", image_bytes("PNG"))
     log = vision_home.log
