@@ -114,6 +114,18 @@ class ModelSection:
     keep_alive_s: float = _setting(
         0.0, "On mains power, unload the model after this long without a request; 0 keeps "
         "it loaded. On battery power.battery_keep_alive_s applies.", min=0.0)
+    vision: str = _setting(
+        "", "Registered vision model (kind vlm) that describes images (png, jpg, webp) in the "
+        "watched folders; empty: images are recorded as skipped with reason "
+        "`no_vision_model`.")
+    vision_path: str = _setting(
+        "", "OpenVINO IR folder of a vision model to load instead of `vision`.")
+    vision_max_side_px: int = _setting(
+        896, "Images are scaled down so that their longer side has at most this many pixels "
+        "before the vision model sees them.", min=32)
+    vision_max_pixels: int = _setting(
+        50_000_000, "Images with more pixels than this (width times height) are recorded as "
+        "failed with reason `too_large` instead of decoded.", min=1024)
 
 
 # Keys that a `[models.NAME]` table may set. Each one left out takes the value of the same key

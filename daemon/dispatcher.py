@@ -15,10 +15,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from famulus.daemon import documents, journal, plugin_jobs
+from famulus.daemon import documents, image_jobs, journal, plugin_jobs
 from famulus.daemon.config import Config
 from famulus.daemon.documents import DocState, FileInfo, Outcome
 from famulus.daemon.extract import ExtractionError
+from famulus.daemon.extract.image import is_image
 from famulus.daemon.extract.sandbox import ExtractionSandbox
 from famulus.daemon.grounding.policy import Action, ground, unchecked
 from famulus.daemon.journal import MODEL_LANES, Job, JobKind
@@ -75,6 +76,8 @@ class Dispatcher:
         # The jobs in progress: the outer one and, while it yields between two chunks, the
         # more urgent ones run inside it (see _yield_to_urgent).
         self._running: list[int] = []
+        # The vision model for image documents; set by image_jobs.attach before start.
+        self.vision: image_jobs.VisionModel | None = None
         # Lanes whose jobs stay queued for now: the folder backlog while on battery.
         self.deferred_lanes: frozenset[journal.Lane] = frozenset()
         self._cancel_job: int | None = None
@@ -105,18 +108,25 @@ class Dispatcher:
         # job is generating now.
         if self.model is not None and self._running[-1] == job_id:
             self.model.cancel()
+        if self.vision is not None and self.vision.host is not None:
+            self.vision.host.cancel()
         return True
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
         if self.model is not None:
             self.model.cancel()
+        vision_host = self.vision.host if self.vision is not None else None
+        if vision_host is not None:
+            vision_host.cancel()
         self.wake()
         self._thread.join(timeout)
         if self._thread.is_alive():
             busy = f"job={self.current_job}" if self.current_job else "loading the model"
             logger.warning("dispatcher still busy after %.1f s (%s)", timeout, busy)
         self.extractor.close()
+        if vision_host is not None:
+            vision_host.stop()
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -321,6 +331,9 @@ class Dispatcher:
         if row["sha256"] == sha256 and row["state"] == DocState.SUMMARIZED:
             self._finish(job, lambda tx: self._unchanged(tx, job, info))
             return
+        if is_image(path):
+            image_jobs.describe_document(self, job, info, sha256)
+            return
         earlier = documents.summary_for_content(self.store.read(), sha256, self.model_name)
         if earlier is not None:
             logger.info("same content summarized before, reusing it: job=%d document=%d",
@@ -441,11 +454,14 @@ class Dispatcher:
     # -- outcomes (run on the writer thread) -----------------------------------------------
 
     def _store_summary(self, tx: Tx, job: Job, info: FileInfo, sha256: str, *, fmt: str | None,
-                       outcome: Outcome, reused_from: int | None) -> None:
-        documents.save_summary(tx, job, sha256=sha256, model=self.model_name, outcome=outcome)
+                       outcome: Outcome, reused_from: int | None, model: str | None = None
+                       ) -> None:
+        model = model or self.model_name
+        documents.save_summary(tx, job, sha256=sha256, model=model, outcome=outcome)
         documents.settle(tx, job, DocState.SUMMARIZED, info=info, sha256=sha256, fmt=fmt)
         body = {"document": job.document_id, "path": info.path, "job": job.id,
-                "summary": outcome.text, "model": self.model_name, "device": outcome.device,
+                "kind": "image" if fmt == "image" else "text",
+                "summary": outcome.text, "model": model, "device": outcome.device,
                 "chunks": outcome.chunks, "sha256": sha256, "reused_from": reused_from,
                 "generated_tokens": outcome.generated_tokens,
                 "generation_s": outcome.generation_s, **outcome.grounding_fields()}

@@ -62,6 +62,7 @@ def make_handlers(daemon: Daemon) -> dict[str, Handler]:
         last = last or 0
         return {"state": daemon.state.value, "pid": os.getpid(), "version": daemon.version,
                 "uptime_s": round(daemon.uptime_s(), 3), "model": daemon.model_status(),
+                "vision": daemon.vision_status(),
                 "jobs": journal.counts(conn), "documents": documents.counts(conn),
                 "current_job": daemon.dispatcher.current_job if daemon.dispatcher else None,
                 "first_seq": first or 0, "last_seq": last, "paused": daemon.paused,

@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
+from famulus.daemon import image_jobs
 from famulus.daemon.config import Config, ConfigError, describe, load_config, settings
 from famulus.daemon.desktop import DesktopGate
 from famulus.daemon.dispatcher import Dispatcher
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 # Model keys that only shape the next generation; the others need a model reload.
 LIVE_MODEL_KEYS = ("model.max_prompt_tokens", "model.max_new_tokens",
-                   "model.repetition_penalty", "model.generation_timeout_s")
+                   "model.repetition_penalty", "model.generation_timeout_s",
+                   "model.vision_max_side_px", "model.vision_max_pixels")
 
 
 def _reload_model_tables(old: Config, new: Config
@@ -235,8 +237,8 @@ class Daemon:
         if self.dispatcher is not None:
             self.dispatcher.deferred_lanes = self._deferred_lanes()
             self.dispatcher.wake()
-        if self.model is not None:
-            self.model.set_on_battery(new.on_battery)
+        for host in self._model_hosts():
+            host.set_on_battery(new.on_battery)
         if old is not None or new.on_battery:
             self.store.submit(lambda tx: tx.emit(Topic.POWER_CHANGED, {
                 **new.to_dict(), "backlog_deferred": defer}))
@@ -257,6 +259,20 @@ class Daemon:
     def wake_dispatcher(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.wake()
+
+    def _model_hosts(self) -> list[ModelHost]:
+        vision = self.dispatcher.vision if self.dispatcher is not None else None
+        hosts = [self.model, vision.host if vision is not None else None]
+        return [h for h in hosts if h is not None]
+
+    def vision_status(self) -> dict[str, Any] | None:
+        vision = self.dispatcher.vision if self.dispatcher is not None else None
+        if vision is None:
+            return None
+        if vision.host is None:
+            return {"state": "missing", "name": vision.name, "error": vision.error}
+        return {**vision.host.state.as_dict(), "name": vision.name, "kind": "vlm",
+                "keep_alive_s": vision.host.keep_alive()}
 
     def model_status(self) -> dict[str, Any]:
         dispatcher = self.dispatcher
@@ -357,6 +373,10 @@ class Daemon:
         self.dispatcher = Dispatcher(self.config, self.store, self.model, name,
                                      model_error=error, model_spec=self.model_spec)
         self.dispatcher.deferred_lanes = self._deferred_lanes()
+        image_jobs.attach(self.dispatcher, self.config, self.paths)
+        state = self.power.state
+        for host in self._model_hosts():
+            host.set_on_battery(state is not None and state.on_battery)
         self.dispatcher.start()
 
     def _model_host(self, spec: ModelSpec) -> ModelHost:

@@ -247,6 +247,31 @@ def test_llava_import_runs_in_vlm_pipeline(import_home: Path, tiny_llava: Path) 
     assert 0 < result.perf_metrics.get_num_generated_tokens() <= 8
 
 
+def test_daemon_describes_image_with_imported_llava(import_home: Path, tiny_llava: Path,
+                                                    model_path: Path) -> None:
+    from PIL import Image
+
+    proc = famulus_import(import_home, tiny_llava, "--weight-format", "int8", "--name",
+                          "tiny-llava-vision", python=export_python())
+    assert proc.returncode == 0, proc.stderr
+    home = DaemonHome(import_home, model_path,
+                      extra='vision = "tiny-llava-vision"\ndevices = ["CPU"]\n')
+    try:
+        home.start()
+        photo = home.inbox / "photo.png"
+        Image.new("RGB", (64, 48), (200, 40, 40)).save(photo)
+        assert home.log is not None
+        event = home.log.wait(lambda e: e.topic in (Topic.DOCUMENT_SUMMARIZED,
+                                                    Topic.DOCUMENT_FAILED)
+                              and e.body["path"] == str(photo), 180, "the image's outcome")
+        assert event.topic == Topic.DOCUMENT_SUMMARIZED, event.body
+        assert event.body["model"] == "tiny-llava-vision"
+        assert event.body["summary"]
+        assert home.status()["vision"]["state"] == "loaded"
+    finally:
+        home.stop()
+
+
 # -- the language model of a mistral3 model (Mistral Small 3.1's type) --------------------
 
 # Greedy tokens of the original PyTorch model, computed in the export interpreter.

@@ -3,9 +3,11 @@
 Started by `famulus.daemon.extract.sandbox`. Each request is one JSON line
 `{"path": str, "max_bytes": int}`; each reply is one JSON line, either
 `{"ok": true, "text", "format", "pages", "notes"}` or
-`{"ok": false, "reason", "message", "permanent"}`. The address-space limit is set before any
-document is read, so a file that decompresses to gigabytes fails here with MemoryError
-instead of taking the daemon's memory.
+`{"ok": false, "reason", "message", "permanent"}`. A request with `"op": "image"` and
+`max_side_px`, `max_pixels` decodes an image instead and replies
+`{"ok": true, "pixels" (base64 RGB, HWC), "shape", "format", "source_size"}`. The
+address-space limit is set before any document is read, so a file that decompresses to
+gigabytes fails here with MemoryError instead of taking the daemon's memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from typing import Any
 
 from famulus.daemon.extract import ExtractionError, extract_text
+from famulus.daemon.extract.image import decode_image
 
 
 def _reply(data: dict[str, Any]) -> None:
@@ -36,7 +39,7 @@ def serve(memory_bytes: int) -> None:
         path = pathlib.Path(request["path"])
         out_of_memory = False
         try:
-            extracted = extract_text(path, max_bytes=int(request["max_bytes"]))
+            result = _run(request, path)
         except ExtractionError as exc:
             _reply(_error(exc.reason, str(exc), exc.permanent))
             continue
@@ -58,8 +61,20 @@ def serve(memory_bytes: int) -> None:
                           "in the famulus config to allow more"))
             # The heap may stay fragmented near the limit: the next file gets a new child.
             return
-        _reply({"ok": True, "text": extracted.text, "format": extracted.format,
-                "pages": extracted.pages, "notes": list(extracted.notes)})
+        _reply(result)
+
+
+def _run(request: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
+    max_bytes = int(request["max_bytes"])
+    if request.get("op") == "image":
+        image = decode_image(path, max_bytes=max_bytes,
+                             max_side_px=int(request["max_side_px"]),
+                             max_pixels=int(request["max_pixels"]))
+        return {"ok": True, **image.to_message(), "format": image.format,
+                "source_size": [image.source_width, image.source_height]}
+    extracted = extract_text(path, max_bytes=max_bytes)
+    return {"ok": True, "text": extracted.text, "format": extracted.format,
+            "pages": extracted.pages, "notes": list(extracted.notes)}
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]))

@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import threading
+from typing import Any
 
 from famulus.daemon.extract import Extracted, ExtractionError
 
@@ -38,15 +39,19 @@ class ExtractionSandbox:
 
     def extract(self, path: pathlib.Path, *, max_bytes: int) -> Extracted:
         """Extract the text of `path`; raise ExtractionError with a reason when that fails."""
-        with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            try:
-                return self._extract(path, max_bytes)
-            finally:
-                self._idle_timer = threading.Timer(self.idle_exit_s, self._stop_if_idle)
-                self._idle_timer.daemon = True
-                self._idle_timer.start()
+        reply = self._serve({"path": str(path), "max_bytes": max_bytes}, path)
+        return Extracted(text=reply["text"], format=reply["format"], pages=reply["pages"],
+                         notes=tuple(reply["notes"]))
+
+    def decode_image(self, path: pathlib.Path, *, max_bytes: int, max_side_px: int,
+                     max_pixels: int) -> dict[str, Any]:
+        """Decode and scale the image at `path` in the child.
+
+        Returns the reply: `pixels` (base64 RGB samples, HWC), `shape` ([height, width, 3]),
+        `format` and `source_size`. Raises ExtractionError with a reason when that fails.
+        """
+        return self._serve({"op": "image", "path": str(path), "max_bytes": max_bytes,
+                            "max_side_px": max_side_px, "max_pixels": max_pixels}, path)
 
     def close(self) -> None:
         with self._lock:
@@ -54,12 +59,22 @@ class ExtractionSandbox:
                 self._idle_timer.cancel()
             self._stop()
 
-    def _extract(self, path: pathlib.Path, max_bytes: int) -> Extracted:
+    def _serve(self, request: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
+        with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            try:
+                return self._call(request, path)
+            finally:
+                self._idle_timer = threading.Timer(self.idle_exit_s, self._stop_if_idle)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+
+    def _call(self, request: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
         proc = self._child()
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(json.dumps({"path": str(path), "max_bytes": max_bytes},
-                                        ensure_ascii=True) + "\n")
+            proc.stdin.write(json.dumps(request, ensure_ascii=True) + "\n")
             proc.stdin.flush()
         except OSError:
             self._stop()
@@ -69,20 +84,19 @@ class ExtractionSandbox:
             self._stop()
             logger.warning("extraction timed out: path=%s timeout_s=%.1f", path, self.timeout_s)
             raise ExtractionError(
-                "timeout", f"extracting text from {path} took longer than {self.timeout_s:g} s "
+                "timeout", f"reading {path} took longer than {self.timeout_s:g} s "
                 "and was stopped; raise extract.timeout_s in the famulus config to allow more")
         line = proc.stdout.readline()
         if not line:
             self._stop()
             raise self._crashed(path, proc)
-        reply = json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
         if not reply["ok"]:
             if reply["reason"] == "memory":
                 self._stop()  # the child exits after a MemoryError
             raise ExtractionError(reply["reason"], reply["message"],
                                   permanent=reply["permanent"])
-        return Extracted(text=reply["text"], format=reply["format"], pages=reply["pages"],
-                         notes=tuple(reply["notes"]))
+        return reply
 
     def _crashed(self, path: pathlib.Path, proc: subprocess.Popen[str]) -> ExtractionError:
         code = proc.poll()

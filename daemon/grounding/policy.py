@@ -29,6 +29,7 @@ class GroundingPath(enum.StrEnum):
     RETRIED = "retried"  # the stricter second attempt had none
     DROPPED_SENTENCES = "dropped_sentences"  # sentences with unsupported claims were removed
     EXTRACTIVE = "extractive"  # replaced by sentences taken from the source
+    NOT_APPLICABLE = "not_applicable"  # an image description: no source text to check
 
 
 class Action(enum.StrEnum):

@@ -5,7 +5,8 @@ File descriptor 1 is pointed at stderr at start, so that anything a native libra
 cannot corrupt the protocol stream. When stdin closes (the daemon exited, even by SIGKILL),
 the host exits at once, so an orphaned host never keeps the model in memory.
 
-Requests: ``{"id": 1, "op": "load" | "count" | "generate" | "ping", ...}``; the op
+Requests: ``{"id": 1, "op": "load" | "count" | "generate" | "describe" | "ping", ...}``;
+``load`` with ``"kind": "vlm"`` loads a vision model, which serves only ``describe``. The op
 ``cancel`` has no reply and stops the running generation. Replies: ``{"id": 1, "ok": true,
 ...}`` or ``{"id": 1, "ok": false, "error": "...", "kind": "..."}``.
 """
@@ -67,6 +68,7 @@ class Host:
         self.pipe: Any = None
         self.tokenizer: Any = None
         self.device: str | None = None
+        self.kind = "llm"
 
     def reply(self, message: dict[str, Any]) -> None:
         line = json.dumps(message, ensure_ascii=False)
@@ -77,6 +79,12 @@ class Host:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def reset_cancel(self) -> None:
+        self._cancel.clear()
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "ping":
@@ -85,10 +93,17 @@ class Host:
             return self.load(request)
         if self.pipe is None:
             raise HostError("not_loaded", "no model is loaded; send `load` first")
+        if (op == "describe") != (self.kind == "vlm"):
+            raise HostError("bad_request", f"op {op!r} does not apply to a model of kind "
+                            f"{self.kind!r}; `describe` is for vlm, the other ops for llm")
         if op == "count":
             return {"counts": [self.count(m) for m in request["prompts"]]}
         if op == "generate":
             return self.generate(request)
+        if op == "describe":
+            from famulus.daemon.model.vision_host import describe
+
+            return describe(self, request)
         raise HostError("bad_request", f"unknown op {op!r}")
 
     def load(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -121,11 +136,17 @@ class Host:
                 props.update(npu_properties(request))
             started = time.monotonic()
             try:
-                pipe = openvino_genai.LLMPipeline(path, device, **props)
+                if request.get("kind") == "vlm":
+                    # NOTE: a vision model on the NPU, with the prompt lengths above, has not
+                    # been tried.
+                    pipe = openvino_genai.VLMPipeline(path, device, **props)
+                else:
+                    pipe = openvino_genai.LLMPipeline(path, device, **props)
             except Exception as exc:  # any load or compile failure means: try the next device
                 failed(device, f"{type(exc).__name__}: {exc}".strip()[:500])
                 continue
             self.pipe, self.tokenizer, self.device = pipe, pipe.get_tokenizer(), device
+            self.kind = str(request.get("kind") or "llm")
             return {"device": device, "load_s": round(time.monotonic() - started, 3),
                     "errors": errors}
         raise HostError("load_failed", "the model loaded on no device: " + "; ".join(
@@ -159,7 +180,6 @@ class Host:
             config.min_new_tokens = int(request["min_new_tokens"])
         deadline = time.monotonic() + float(request["timeout_s"])
         state = {"stopped": ""}
-        self._cancel.clear()
 
         def streamer(piece: str) -> Any:
             if stream_id is not None:
@@ -237,8 +257,13 @@ def main() -> None:
             continue
         if request.get("op") == "cancel":
             host.cancel()
-        else:
-            requests.put(request)
+            continue
+        if request.get("op") in ("generate", "describe"):
+            # Cleared here, in the order of the input lines, not by the worker when the
+            # generation starts: a cancel that arrives while the worker is still preparing
+            # the request must not be lost.
+            host.reset_cancel()
+        requests.put(request)
     # stdin closed: the daemon is gone or asked us to stop. Exit without waiting for a
     # generation that may still run in native code.
     protocol_out.flush()

@@ -114,7 +114,7 @@ def resolve(models_dir: Path, name: str, path: str, kind: str | None = None) -> 
                f"--weight-format {entry.get('weight_format', 'int8')} --name {name}`")
         raise ModelNotFound(f"model {name!r} is registered at {target}, which no longer "
                             f"exists; {fix}")
-    check_model(target, kind or str(entry.get("kind", "llm")))
+    check_model(target, kind or str(entry.get("kind") or detect_kind(target)))
     return target
 
 

@@ -496,6 +496,20 @@ class ModelHost:
                              "timeout_s": timeout_s, "stream": on_token is not None},
                             timeout_s + 30.0, on_token)
 
+    def describe(self, image: dict[str, Any], prompt: str, *, max_new_tokens: int,
+                 repetition_penalty: float, timeout_s: float,
+                 on_token: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Generate text about one image with a vision model (a host loaded with kind vlm).
+
+        `image` has `pixels` (base64 RGB samples, HWC) and `shape` ([height, width, 3]).
+        """
+        return self.request({"op": "describe", "pixels": image["pixels"],
+                             "shape": image["shape"], "prompt": prompt,
+                             "max_new_tokens": max_new_tokens,
+                             "repetition_penalty": repetition_penalty,
+                             "timeout_s": timeout_s, "stream": on_token is not None},
+                            timeout_s + 30.0, on_token)
+
     def cancel(self) -> None:
         """Stop the running generation, if any; the generate call raises GenerationStopped."""
         with self._io_lock:
