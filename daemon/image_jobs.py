@@ -103,7 +103,7 @@ def build_vision_model(config: Config, paths: UserPaths, store: Store) -> Vision
         return VisionModel(name=name, host=None, error=str(exc))
 
     def emit(topic: str, body: dict[str, Any]) -> None:
-        # The model.* events of the vision host are told apart from the text model's by kind.
+        # The kind field separates the model.* events of the vision host from the text model's.
         store.submit(lambda tx: tx.emit(topic, {**body, "kind": "vlm"}))
 
     host = ModelHost(spec.load_params(paths.cache_dir), name=name,
@@ -114,7 +114,7 @@ def build_vision_model(config: Config, paths: UserPaths, store: Store) -> Vision
 
 
 def _model_values(config: Config) -> dict[str, Any]:
-    """The [model] and [power] values of a ModelSpec's settings, for a model given by path."""
+    """Collect the [model] and [power] settings of a ModelSpec for a model given by path."""
     fields = [f.name for f in dataclasses.fields(ModelSpec)
               if f.name not in ("name", "path", "kind", "format")]
     values = {f: getattr(config.model, f) for f in fields if f != "battery_keep_alive_s"}
