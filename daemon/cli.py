@@ -330,11 +330,15 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     config = load_config(paths, args.config)
     try:
         with _client(args) as client:
-            running = client.call("status", timeout_s=2.0)["model"]
+            status = client.call("status", timeout_s=2.0)
+        running = {m["name"]: m for m in (status["model"], status.get("vision")) if m}
     except DaemonUnavailable:
         running = None
     rows = []
-    for name in catalog.names(config, paths.models_dir):
+    names = catalog.names(config, paths.models_dir)
+    if config.model.vision and config.model.vision not in names:
+        names.append(config.model.vision)
+    for name in names:
         try:
             spec = catalog.spec(config, paths.models_dir, name)
         except ModelNotFound as exc:
@@ -343,10 +347,11 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         row = {"name": name, "kind": spec.kind, "format": spec.format,
                "size_bytes": spec.size_bytes(), "devices": list(spec.devices),
                "path": str(spec.path), "default": name == config.model.name,
+               "vision": name == config.model.vision,
                "state": "daemon not running" if running is None else "not loaded",
                "device": None}
-        if running is not None and running.get("name") == name:
-            row["state"], row["device"] = running["state"], running.get("device")
+        if running is not None and name in running:
+            row["state"], row["device"] = running[name]["state"], running[name].get("device")
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -356,14 +361,14 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"{'NAME':32} {'KIND':4} {'SIZE':>9} {'DEVICES':16} STATE")
     for row in rows:
-        mark = "*" if row.get("default") else " "
+        mark = "*" if row.get("default") else "+" if row.get("vision") else " "
         if "error" in row:
             print(f"{mark}{row['name']:31} unusable: {row['error']}")
             continue
         state = row["state"] + (f" on {row['device']}" if row["device"] else "")
         print(f"{mark}{row['name']:31} {row['kind']:4} {row['size_bytes'] / 2**20:7.1f}Mi "
               f"{','.join(row['devices']):16} {state}")
-    print("* the model for documents (model.name)")
+    print("* the model for documents (model.name), + the model for images (model.vision)")
     return EXIT_OK
 
 

@@ -268,6 +268,12 @@ def test_daemon_describes_image_with_imported_llava(import_home: Path, tiny_llav
         assert event.body["model"] == "tiny-llava-vision"
         assert event.body["summary"]
         assert home.status()["vision"]["state"] == "loaded"
+        listed = subprocess.run(home.command("model", "list", "--json"), env=home.env,
+                                capture_output=True, text=True, timeout=60, check=True)
+        rows = {row["name"]: row for row in json.loads(listed.stdout)}
+        assert rows["tiny-llava-vision"]["kind"] == "vlm"
+        assert rows["tiny-llava-vision"]["vision"] is True
+        assert rows["tiny-llava-vision"]["state"] == "loaded"
     finally:
         home.stop()
 
