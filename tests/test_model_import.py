@@ -519,3 +519,11 @@ def test_incomplete_copy_of_import_rejected(tmp_path: Path,
     (copy / "openvino_tokenizer.xml").unlink()
     with pytest.raises(ModelInvalid, match="openvino_tokenizer.xml missing"):
         check_model(copy, "llm")
+
+
+def test_fifo_as_model_rejected(tmp_path: Path) -> None:
+    # Regression: a FIFO was reported as missing, and opening it would block the host.
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelInvalid, match="neither a regular file nor a folder"):
+        check_model(fifo, "llm")

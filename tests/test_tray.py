@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from famulus.daemon.model.host import DEVICE_FAULTS_ENV
 from famulus.daemon.tray.actions import ActionError, RecentSummary, TrayActions
 from famulus.daemon.tray.app import summary_notice
 from famulus.daemon.tray.icons import COLOURS, draw_icon
@@ -396,7 +397,7 @@ def summarize_files(home: DaemonHome, files: list[Path]) -> None:
 
 
 def test_tray_icon_follows_daemon(daemon_home: DaemonHome, xsession: XSession,
-                                  tmp_path: Path) -> None:
+                                  tmp_path: Path, model_path: Path) -> None:
     folder = artifacts_dir(tmp_path)
     watcher = TrayWatcher(xsession, folder)
     tray_log = folder / "tray.log"
@@ -446,15 +447,15 @@ def test_tray_icon_follows_daemon(daemon_home: DaemonHome, xsession: XSession,
         watcher.wait_state(TrayState.NO_MODEL, 30)
         daemon_home.stop()
 
-        # A model "file" that is a FIFO keeps the model host waiting for a writer, so the
-        # model stays in its loading state until the daemon stops.
-        fifo = tmp_path / "slow.gguf"
-        os.mkfifo(fifo)
-        daemon_home.model_path = fifo
-        daemon_home.write_config()
+        # An NPU whose load hangs (the model host's test seam for devices this machine
+        # lacks) keeps the model in its loading state until the daemon stops.
+        daemon_home.model_path = model_path
+        daemon_home.env[DEVICE_FAULTS_ENV] = "NPU=hang"
+        daemon_home.write_config(extra='devices = ["NPU", "CPU"]\nload_timeout_s = 600.0\n')
         daemon_home.start(wait_model=False)
         watcher.wait_state(TrayState.LOADING, 30)
         daemon_home.stop()
+        del daemon_home.env[DEVICE_FAULTS_ENV]
 
         broken = tmp_path / "broken.gguf"
         broken.write_bytes(b"GGUF" + os.urandom(4096))

@@ -52,6 +52,10 @@ def check_model(path: Path, kind: str = "llm") -> None:
     if path.is_file():
         _check_gguf(path)
         return
+    if path.exists() and not path.is_dir():
+        # A FIFO or a device would block or stream forever when the host opens it.
+        raise ModelInvalid(f"model {path} is neither a regular file nor a folder; point it at "
+                           "a .gguf file or an OpenVINO IR folder")
     if not path.is_dir():
         raise ModelNotFound(f"model {path} does not exist")
     missing = [name for name in (*MODEL_FILES[kind], *COMMON_FILES)
