@@ -361,7 +361,11 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"{'NAME':32} {'KIND':4} {'SIZE':>9} {'DEVICES':16} STATE")
     for row in rows:
-        mark = "*" if row.get("default") else "+" if row.get("vision") else " "
+        mark = " "
+        if row.get("default"):
+            mark = "*"
+        elif row.get("vision"):
+            mark = "+"
         if "error" in row:
             print(f"{mark}{row['name']:31} unusable: {row['error']}")
             continue

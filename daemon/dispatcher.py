@@ -294,8 +294,8 @@ class Dispatcher:
                            job.attempts, exc)
             self._finish(job, lambda tx: journal.requeue(tx, job, str(exc)))
             return
-        what = "the model host crashed" if crashed else "summary failed"
-        failure = PermanentFailure("model_error", f"{what} after {job.attempts} "
+        reason = "the model host crashed" if crashed else "summary failed"
+        failure = PermanentFailure("model_error", f"{reason} after {job.attempts} "
                                    f"attempt(s): {exc}")
         logger.error("job failed: job=%d error=%s", job.id, exc)
         self._finish(job, lambda tx: self._fail_permanently(tx, job, failure))

@@ -70,9 +70,9 @@ def events() -> Events:
 
 @pytest.fixture
 def hosts() -> Iterator[list[ModelHost]]:
-    made: list[ModelHost] = []
-    yield made
-    for host in made:
+    started: list[ModelHost] = []
+    yield started
+    for host in started:
         host.stop()
 
 
@@ -135,7 +135,7 @@ def test_idle_unload_then_reload_on_next_request(model_path: Path, events: Event
     assert host.state.pid not in (None, first_pid)
 
 
-def test_pin_keeps_the_model_and_unpin_restores_keep_alive(model_path: Path, events: Events,
+def test_pin_blocks_idle_unload(model_path: Path, events: Events,
                                                            hosts: list[ModelHost]) -> None:
     host = make_host(model_path, events, keep_alive_s=0.5)
     hosts.append(host)

@@ -40,18 +40,22 @@ def test_interactive_summarize_overtakes_the_backlog(daemon_home: DaemonHome) ->
     long_started = log.wait(lambda e: e.topic == Topic.JOB_PROGRESS and e.body["step"] >= 1,
                             120, "the long document's second chunk")
     long_job = long_started.body["job"]
+
     for i in range(1, BACKLOG):
         (daemon_home.inbox / f"{i:03d}-short.txt").write_text(paragraph(i), encoding="utf-8")
     log.wait(lambda e: e.topic == Topic.DOCUMENT_DETECTED
              and e.body["path"].endswith(f"{BACKLOG - 1:03d}-short.txt"), 60,
              "the backlog to be detected")
+
     with daemon_home.client() as client:
         job = client.call("summarize", {"text": paragraph(99)})["job"]
     done = log.wait(lambda e: e.topic == Topic.JOB_DONE and e.body["job"] == job, 300,
                     "the interactive job")
+
     summarized = log.wait(lambda e: e.topic == Topic.DOCUMENT_SUMMARIZED
                           and e.body["job"] == long_job, 600, "the long document")
     assert done.seq < summarized.seq, "the interactive job waited for the whole long document"
+
     log.wait(lambda e: len(log.matching(Topic.DOCUMENT_SUMMARIZED)) >= BACKLOG, 900,
              "the backlog to finish")
     last = max(e.seq for e in log.matching(Topic.DOCUMENT_SUMMARIZED))
@@ -154,7 +158,7 @@ def test_model_requests_unload_load_and_pin(daemon_home: DaemonHome) -> None:
     assert rows[0]["size_bytes"] == daemon_home.model_path.stat().st_size
 
 
-def test_job_that_crashes_the_host_twice_fails_with_the_reason(daemon_home: DaemonHome
+def test_second_host_crash_fails_job(daemon_home: DaemonHome
                                                                ) -> None:
     daemon_home.write_config(max_new_tokens=400, extra="[jobs]\nrestart_backoff_s = 0.0\n")
     daemon_home.start()

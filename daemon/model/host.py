@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 logger = logging.getLogger("famulus.daemon.model.host")
@@ -163,10 +164,41 @@ class Host:
         ids = self.tokenizer.encode(self.template(messages), add_special_tokens=False).input_ids
         return int(ids.shape[-1])
 
-    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    def run_streamed(self, request: dict[str, Any], run: Callable[[Callable[[str], Any]], Any]
+                     ) -> tuple[Any, float]:
+        """Call `run(streamer)` and return its result and the seconds it took.
+
+        The streamer sends each piece to the daemon when the request has `stream`, and stops
+        the generation on cancel or after `timeout_s`, which raises HostError.
+        """
         import openvino_genai
 
         stream_id = request.get("id") if request.get("stream") else None
+        deadline = time.monotonic() + float(request["timeout_s"])
+        stopped = ""
+
+        def streamer(piece: str) -> Any:
+            nonlocal stopped
+            if stream_id is not None:
+                self.reply({"id": stream_id, "stream": piece})
+            if self._cancel.is_set():
+                stopped = "cancelled"
+            elif time.monotonic() > deadline:
+                stopped = "timeout"
+            else:
+                return openvino_genai.StreamingStatus.RUNNING
+            return openvino_genai.StreamingStatus.CANCEL
+
+        started = time.monotonic()
+        result = run(streamer)
+        elapsed = time.monotonic() - started
+        if stopped:
+            raise HostError(stopped, f"generation {stopped} after {elapsed:.1f} s")
+        return result, elapsed
+
+    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        import openvino_genai
+
         prompt = self.template(request["messages"])
         config = openvino_genai.GenerationConfig()
         config.max_new_tokens = int(request["max_new_tokens"])
@@ -178,26 +210,8 @@ class Host:
         if request.get("min_new_tokens"):
             # Benchmarks set it to max_new_tokens, so every run generates the same count.
             config.min_new_tokens = int(request["min_new_tokens"])
-        deadline = time.monotonic() + float(request["timeout_s"])
-        state = {"stopped": ""}
-
-        def streamer(piece: str) -> Any:
-            if stream_id is not None:
-                self.reply({"id": stream_id, "stream": piece})
-            if self._cancel.is_set():
-                state["stopped"] = "cancelled"
-                return openvino_genai.StreamingStatus.CANCEL
-            if time.monotonic() > deadline:
-                state["stopped"] = "timeout"
-                return openvino_genai.StreamingStatus.CANCEL
-            return openvino_genai.StreamingStatus.RUNNING
-
-        started = time.monotonic()
-        result = self.pipe.generate([prompt], config, streamer)
-        elapsed = time.monotonic() - started
-        if state["stopped"]:
-            raise HostError(str(state["stopped"]), f"generation {state['stopped']} after "
-                            f"{elapsed:.1f} s")
+        result, elapsed = self.run_streamed(
+            request, lambda streamer: self.pipe.generate([prompt], config, streamer))
         text = result.texts[0]
         tokens = int(result.perf_metrics.get_num_generated_tokens())
         finish = str(result.finish_reasons[0]).rsplit(".", 1)[-1].lower() \

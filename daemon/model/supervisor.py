@@ -110,8 +110,9 @@ class ModelHost:
         self._start_lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
-        # Request id -> (the host process it was sent to, its future). A process that exits
-        # fails only its own requests: a replacement may already have requests in flight.
+        # Request id -> (the host process it was sent to, its future). The reader of a process
+        # that exits fails only that process's requests, because a replacement may already
+        # have requests in flight.
         self._pending: dict[int, tuple[subprocess.Popen[str], Future[dict[str, Any]]]] = {}
         self._streams: dict[int, Callable[[str], None]] = {}
         self._next_id = 0
@@ -182,8 +183,8 @@ class ModelHost:
                 if device is None or self._stopping:
                     self._fail_load(str(exc), errors)
                     raise
-                how = "hung" if isinstance(exc, HostTimeout) else "crashed"
-                errors[device] = f"the model host {how} while loading on it: {exc}"
+                failure = "hung" if isinstance(exc, HostTimeout) else "crashed"
+                errors[device] = f"the model host {failure} while loading on it: {exc}"
                 logger.error("model load on %s killed the host (%s); trying the next device",
                              device, exc)
                 with self._io_lock:

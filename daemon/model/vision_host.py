@@ -6,7 +6,6 @@ Runs inside the model host process (see `host`), which has loaded a model of kin
 from __future__ import annotations
 
 import base64
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,36 +35,15 @@ def describe(host: Host, request: dict[str, Any]) -> dict[str, Any]:
     """
     import openvino_genai
 
-    from famulus.daemon.model.host import HostError
 
     image = image_tensor(str(request["pixels"]), list(request["shape"]))
-    stream_id = request.get("id") if request.get("stream") else None
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens = int(request["max_new_tokens"])
     config.repetition_penalty = float(request.get("repetition_penalty", 1.0))
     config.do_sample = False
-    deadline = time.monotonic() + float(request["timeout_s"])
-    state = {"stopped": ""}
-
-    def streamer(piece: str) -> Any:
-        if stream_id is not None:
-            host.reply({"id": stream_id, "stream": piece})
-        if host.cancelled():
-            state["stopped"] = "cancelled"
-            return openvino_genai.StreamingStatus.CANCEL
-        if time.monotonic() > deadline:
-            state["stopped"] = "timeout"
-            return openvino_genai.StreamingStatus.CANCEL
-        return openvino_genai.StreamingStatus.RUNNING
-
-    started = time.monotonic()
     # The pipeline applies the model's chat template and inserts the image tokens itself.
-    result = host.pipe.generate(str(request["prompt"]), images=[image],
-                                generation_config=config, streamer=streamer)
-    elapsed = time.monotonic() - started
-    if state["stopped"]:
-        raise HostError(state["stopped"], f"generation {state['stopped']} after "
-                        f"{elapsed:.1f} s")
+    result, elapsed = host.run_streamed(request, lambda streamer: host.pipe.generate(
+        str(request["prompt"]), images=[image], generation_config=config, streamer=streamer))
     return {"text": result.texts[0],
             "tokens": int(result.perf_metrics.get_num_generated_tokens()),
             "generation_s": round(elapsed, 3)}
