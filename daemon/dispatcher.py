@@ -437,6 +437,10 @@ class Dispatcher:
             # A cancel that arrives between two generations takes effect before the next.
             if self._cancel_job == job.id:
                 raise GenerationStopped("generation cancelled by request")
+            # A shutdown that began while the text was being extracted must not start a
+            # generation that outlasts it: the job goes back to the queue instead.
+            if self._stopping.is_set():
+                raise GenerationStopped("the daemon is stopping")
             self._emit(Topic.JOB_PROGRESS, {"job": job.id, "step": done, "steps": total},
                        job.cause)
         return Summarizer(self.model, budget, progress, prompts,
